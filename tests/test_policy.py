@@ -1,0 +1,143 @@
+"""Pure parts of main.py, tested with plain values: the streaming policy, settings, origins, audio buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from main import AudioBuffer, LocalAgreement, Settings, SettingsError, Word, origin_allowed, repetition_start
+
+
+def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:
+    """' If the reader' -> Words half a second apart, spelled the way Whisper spells them."""
+    return [
+        Word(start + i * step, start + i * step + step * 0.8, " " + token, probability)
+        for i, token in enumerate(text.split())
+    ]
+
+
+def texts(ws: list[Word]) -> str:
+    return "".join(w.text for w in ws).strip()
+
+
+def test_words_two_hypotheses_agree_on_are_committed_the_rest_is_tentative():
+    policy = LocalAgreement(window_seconds=6.0)
+    assert policy.update(words("if the reed"), 1.5) == []
+    assert texts(policy.tentative) == "if the reed"
+    newly = policy.update(words("If the reader will"), 2.0)
+    assert texts(newly) == "If the"  # case and punctuation do not block agreement
+    assert texts(policy.tentative) == "reader will"
+    policy.update(words("If the reader will excuse me,"), 3.0)
+    assert texts(policy.committed) == "If the reader will"
+    assert texts(policy.tentative) == "excuse me,"
+
+
+def test_committed_words_are_never_revised_even_when_a_later_decode_disagrees():
+    policy = LocalAgreement(window_seconds=6.0)
+    policy.update(words("the narrative would be"), 2.0)
+    policy.update(words("the narrative would be tedious"), 2.5)
+    committed = list(policy.committed)
+    policy.update(words("a narrator could be tedious to him"), 3.5)
+    assert policy.committed[: len(committed)] == committed
+    # Only words after the committed ones count: 'tedious' agrees with the last tentative word.
+    assert texts(policy.committed) == "the narrative would be tedious"
+
+
+def test_a_hypothesis_that_repeats_the_committed_tail_is_not_committed_twice():
+    policy = LocalAgreement(window_seconds=6.0)
+    policy.update(words("ask not what your"), 2.0)
+    policy.update(words("ask not what your country"), 2.5)
+    assert texts(policy.committed) == "ask not what your"
+    # Loose word times: the next decode starts with 'your' again, timed just before its end.
+    late = [Word(1.55, 1.9, " your"), Word(2.0, 2.4, " country"), Word(2.5, 2.9, " can")]
+    policy.update(late, 3.0)
+    policy.update(late, 3.5)
+    assert texts(policy.committed) == "ask not what your country can"
+
+
+def test_repetition_loops_are_cut_and_never_committed():
+    loop = words("and the the the the the the")
+    assert repetition_start(loop) == 2
+    assert repetition_start(words("we are we are we are we are we are")) == 2
+    assert repetition_start(words("words words words and that")) is None  # three in a row is speech
+    policy = LocalAgreement(window_seconds=6.0)
+    policy.update(loop, 3.5)
+    policy.update(loop, 4.0)
+    assert texts(policy.committed) == "and the"
+
+
+def test_low_probability_words_wait_for_more_audio():
+    policy = LocalAgreement(window_seconds=6.0)
+    hypothesis = words("to myself.") + [Word(1.2, 1.5, " Okay.", 0.2)]
+    policy.update(hypothesis, 1.6)
+    policy.update(hypothesis, 2.1)
+    assert texts(policy.committed) == "to myself."
+    assert texts(policy.tentative) == "Okay."
+
+
+def test_the_window_slides_to_a_sentence_end_and_bounds_every_decode():
+    policy = LocalAgreement(window_seconds=6.0)
+    speech = words("I will say nothing. Nor of the circumstances which led me to leave my native country")
+    for end in np.arange(1.0, 9.0, 0.5):
+        heard = [w for w in speech if w.end <= end]
+        policy.update([w for w in heard if w.start >= policy.window_start - 0.5], float(end))
+        assert end - policy.window_start <= 6.0 + 0.5
+    # The first slide cut right after 'nothing.', between words, so no word is cut in half.
+    first_cut = (speech[3].end + speech[4].start) / 2
+    assert policy.window_start >= first_cut
+    assert texts(policy.committed).startswith("I will say nothing. Nor of the circumstances")
+    assert policy.prompt() is not None and policy.prompt().startswith("I will say nothing.")
+
+
+def test_without_agreement_old_words_are_forced_in_so_the_window_stays_bounded():
+    policy = LocalAgreement(window_seconds=4.0)
+    for i, end in enumerate(np.arange(1.0, 12.0, 0.5)):
+        # Every decode disagrees on every word: nothing would ever be committed by agreement.
+        policy.update([Word(t, t + 0.3, f" w{i}_{t}") for t in np.arange(policy.window_start, end - 0.3, 0.5)], end)
+        assert end - policy.window_start <= 4.0 + 0.5
+    assert policy.committed
+
+
+def test_final_is_the_committed_words_plus_what_the_last_decode_adds():
+    policy = LocalAgreement(window_seconds=6.0)
+    policy.update(words("painful to myself"), 1.5)
+    policy.update(words("painful to myself"), 2.0)
+    assert texts(policy.final(words("painful to myself and him", start=0.0))) == "painful to myself and him"
+
+
+def test_settings_come_from_the_environment_with_the_seed_defaults():
+    assert Settings.from_env({}) == Settings()
+    default = Settings()
+    assert (default.model_id, default.device, default.compute_type) == ("large-v3-turbo", "auto", "int8_float32")
+    assert (default.partial_every_ms, default.window_seconds) == (500, 6.0)
+    custom = Settings.from_env({"PARTIAL_EVERY_MS": "250", "ALLOWED_ORIGINS": "https://app.example/, localhost"})
+    assert custom.partial_every_ms == 250
+    assert custom.allowed_origins == ("https://app.example", "localhost")
+    for name, value in [("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0")]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_origins():
+    local = Settings().allowed_origins
+    assert origin_allowed(None, "127.0.0.1:8717", local)  # not a browser
+    assert origin_allowed("http://localhost:5173", "127.0.0.1:8717", local)
+    assert origin_allowed("http://[::1]:8717", "[::1]:8717", local)
+    assert origin_allowed("http://box.lan:8717", "box.lan:8717", local)  # the server's own page
+    assert not origin_allowed("https://evil.example", "127.0.0.1:8717", local)
+    assert not origin_allowed("http://localhost.evil.example", "127.0.0.1:8717", local)
+    assert not origin_allowed("null", "127.0.0.1:8717", local)
+    assert origin_allowed("https://app.example", "x", ("https://app.example",))
+    assert not origin_allowed("http://app.example", "x", ("https://app.example",))
+    assert origin_allowed("https://anything", "x", ("*",))
+
+
+def test_audio_buffer_keeps_chunks_and_trims_whole_ones_from_the_front():
+    buffer = AudioBuffer()
+    for value in range(4):
+        buffer.append(np.full(100, value * 1000, dtype=np.int16))
+    assert buffer.end == 400
+    buffer.trim(250)
+    assert buffer.start == 200  # the chunk holding sample 250 stays
+    tail = buffer.since(250)
+    assert tail.size == 150 and tail[0] == pytest.approx(2000 / 32768)
