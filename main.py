@@ -30,6 +30,9 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from faster_whisper import WhisperModel
+from faster_whisper.tokenizer import Tokenizer
+from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
+from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Settings:
     max_utterance_seconds: float = 600.0
     final_mode: str = "tail"
     trim_encoder_input: bool = True
+    max_batch: int = 8
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
 
@@ -85,6 +89,7 @@ class Settings:
             final_mode=_choice(env, "FINAL_MODE", defaults.final_mode, ("tail", "full")),
             trim_encoder_input=_choice(env, "TRIM_ENCODER_INPUT", "true", ("true", "false", "1", "0"))
             in ("true", "1"),
+            max_batch=int(_number(env, "MAX_BATCH", defaults.max_batch, 1, 64, int)),
             api_key=env.get("API_KEY") or None,
             allowed_origins=(
                 tuple(o.strip().rstrip("/").lower() for o in origins.split(",") if o.strip())
@@ -219,8 +224,9 @@ class Engine:
     """The shared model and a single inference worker that takes finals before partials.
 
     One worker is deliberate: CTranslate2 already spreads one decode over all CPU threads, so two
-    decodes at once only fight for the same cores. A job whose requester no longer wants it (a
-    partial overtaken by the final, a client that left) is dropped when its turn comes, not run.
+    decodes at once only fight for the same cores. Instead, the partials that are due from all
+    sessions run as one batch. A job whose requester no longer wants it (a partial overtaken by the
+    final, a client that left) is dropped when its turn comes, not run.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -230,6 +236,7 @@ class Engine:
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
+        self.stats = {"decodes": 0, "batches": 0, "largest_batch": 0, "stale_dropped": 0}
         self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._worker: asyncio.Task[None] | None = None
@@ -262,20 +269,53 @@ class Engine:
 
     async def _serve(self) -> None:
         while True:
-            job = await self._queue.get()
+            batch = self._live([await self._queue.get()])
+            if not batch:
+                continue
+            if _batchable(batch[0]):
+                batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
+            self.stats["decodes"] += len(batch)
+            self.stats["batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            try:
+                if _batchable(batch[0]):
+                    results = await asyncio.to_thread(
+                        self._decode_batch, [j.audio for j in batch], [j.options for j in batch]
+                    )
+                else:
+                    results = [await asyncio.to_thread(self._decode, batch[0].audio, batch[0].options)]
+            except Exception as exc:  # handed to the sessions that asked, which report it
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            else:
+                for job, result in zip(batch, results):
+                    if not job.future.done():
+                        job.future.set_result(result)
+
+    def _live(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs still wanted; the others are answered None without running."""
+        live = []
+        for job in jobs:
             if job.future.done():
                 continue
             if job.is_stale():
+                self.stats["stale_dropped"] += 1
                 job.future.set_result(None)
-                continue
-            try:
-                result = await asyncio.to_thread(self._decode, job.audio, job.options)
-            except Exception as exc:  # handed to the session that asked, which reports it
-                if not job.future.done():
-                    job.future.set_exception(exc)
             else:
-                if not job.future.done():
-                    job.future.set_result(result)
+                live.append(job)
+        return live
+
+    def _take_compatible(self, first: _Job, limit: int) -> list[_Job]:
+        """Queued partials that can share ``first``'s batch; the rest go back in their order."""
+        taken, kept = [], []
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            same = _batchable(job) and _batch_key(job.options) == _batch_key(first.options)
+            (taken if same and len(taken) < limit else kept).append(job)
+        for job in kept:
+            self._queue.put_nowait(job)
+        return taken
 
     def _decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
         _encoder_span.set(options.encoder if self.settings.trim_encoder_input else None)
@@ -297,6 +337,125 @@ class Engine:
             Word(float(w.start), float(w.end), w.word, float(w.probability)) for segment in list(segments) for w in (segment.words or ())
         )
         return Transcript(words=words, language=info.language)
+
+    def _decode_batch(self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions]) -> list[Transcript]:
+        """Decode several sessions' windows (at most 30 s each) in one batch.
+
+        What ``transcribe`` does for one window, done for all at once: VAD, log-mel features padded
+        to one width, one encode, one greedy generate (without timestamp tokens: word alignment
+        gives the times), one word alignment. The decoder dominates a partial's cost, and a batch of
+        8 costs it about 3 times one (tiny.en, 2 cores).
+        """
+        options = each[0]  # language, task, beam size and encoder span are the same for all
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=options.task, language=options.language)
+        results = [Transcript((), options.language) for _ in audios]
+        groups: dict[int, list[_Voiced]] = {}
+        for index, (audio, item) in enumerate(zip(audios, each)):
+            chunks = get_speech_timestamps(audio, VAD_OPTIONS)
+            if not chunks:
+                continue  # silence: nothing to decode
+            previous = tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
+            # CTranslate2 wants the start-of-transcript token at one position in the whole batch,
+            # so prompts are cut to a few lengths (the latest tokens kept) and batched per length.
+            keep = max(n for n in PROMPT_BUCKETS if n <= len(previous))
+            voiced = _Voiced(
+                index,
+                np.concatenate([audio[c["start"] : c["end"]] for c in chunks]),
+                SpeechTimestampsMap(chunks, SAMPLE_RATE),
+                previous[len(previous) - keep :],
+                item.max_new_tokens or MAX_TOKENS // 2,
+            )
+            groups.setdefault(keep, []).append(voiced)
+        for group in groups.values():
+            for voiced, words in zip(group, self._decode_group(group, tokenizer, options)):
+                results[voiced.index] = Transcript(words, options.language)
+        return results
+
+    def _decode_group(
+        self, group: Sequence[_Voiced], tokenizer: Tokenizer, options: DecodeOptions
+    ) -> list[tuple[Word, ...]]:
+        model = self.model
+        features = [model.feature_extractor(v.audio)[:, :-1] for v in group]
+        frames = [f.shape[-1] for f in features]
+        width = N_FRAMES
+        if self.settings.trim_encoder_input and options.encoder is not None:
+            width = min(N_FRAMES, max(options.encoder.floor, max(frames) + options.encoder.margin))
+            width += width % 2
+        batch = np.stack([np.pad(f[:, :width], ((0, 0), (0, width - min(f.shape[-1], width)))) for f in features])
+        encoded = WhisperModel.encode(model, batch)
+        prompts = [model.get_prompt(tokenizer, v.previous, without_timestamps=True) for v in group]
+        generated = model.model.generate(
+            encoded,
+            prompts,
+            beam_size=options.beam_size,
+            max_length=min(MAX_TOKENS, len(prompts[0]) + max(v.budget for v in group)),
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
+        )
+        texts = []
+        for result, voiced in zip(generated, group):
+            tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot][: voiced.budget]
+            average_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            # Whisper's own silence test: likely no speech, and not confident in what it wrote.
+            silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and average_logprob < LOGPROB_THRESHOLD
+            texts.append([] if silent else tokens)
+        # Every row is aligned (the encoder output is one batch); a row without text gets a placeholder.
+        alignments = model.find_alignment(
+            tokenizer, [tokens or [tokenizer.eot - 1] for tokens in texts], encoded, frames
+        )
+        decoded = []
+        for voiced, tokens, alignment in zip(group, texts, alignments):
+            if not tokens:
+                decoded.append(())
+                continue
+            merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
+            words = []
+            for word in alignment:
+                if not word["word"]:
+                    continue
+                chunk = voiced.time_map.get_chunk_index((word["start"] + word["end"]) / 2)
+                words.append(
+                    Word(
+                        voiced.time_map.get_original_time(float(word["start"]), chunk),
+                        voiced.time_map.get_original_time(float(word["end"]), chunk),
+                        word["word"],
+                        float(word["probability"]),
+                    )
+                )
+            decoded.append(tuple(words))
+        return decoded
+
+
+@dataclass(frozen=True)
+class _Voiced:
+    """One window of a batch after VAD: its speech alone, and the map back to the window's times."""
+
+    index: int
+    audio: np.ndarray
+    time_map: SpeechTimestampsMap
+    previous: list[int]  # prompt tokens
+    budget: int
+
+
+N_FRAMES = 3000  # Whisper's 30 s window in mel frames
+MAX_TOKENS = 448  # Whisper's decoder length
+NO_SPEECH_THRESHOLD = 0.6  # faster-whisper's defaults
+LOGPROB_THRESHOLD = -1.0
+PREPEND_PUNCTUATION = "\"'“¿([{-"
+APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+VAD_OPTIONS = VadOptions()
+PROMPT_BUCKETS = (0, 8, 16, 32, 48)
+
+
+def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
+    return (options.language, options.task, options.beam_size, options.encoder)
+
+
+def _batchable(job: _Job) -> bool:
+    """Partials with a known language batch; finals (long audio, fallback) and language detection don't."""
+    return job.priority == PRIORITY_PARTIAL and job.options.language is not None
 
 
 def _load_model(settings: Settings) -> tuple[Any, str]:
@@ -838,6 +997,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "sessions": app.state.sessions,
                 "max_sessions": settings.max_sessions,
                 "partial_every_ms": settings.partial_every_ms,
+                "inference": engine.stats,
             }
         )
 

@@ -31,6 +31,15 @@ def health(server) -> dict:
         return json.loads(response.read())
 
 
+async def until_idle(server) -> None:
+    """With MAX_SESSIONS=1 a new socket must wait until the server has seen the last one close."""
+    for _ in range(100):
+        if (await asyncio.to_thread(health, server))["sessions"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("a closed session is still counted")
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
@@ -109,7 +118,12 @@ def test_several_clients_at_once(server):
     async def scenario():
         return await asyncio.gather(*(one_utterance(server.ws_url, n, realtime=1.0) for n in names))
 
+    before = health(server)["inference"]
     results = run(scenario())
+    after = health(server)["inference"]
+    # The sessions' partials share decodes: fewer model calls than partial decodes.
+    assert after["largest_batch"] >= 2
+    assert after["batches"] - before["batches"] < after["decodes"] - before["decodes"]
     for name, result in zip(names, results):
         assert result.partials, name
         assert wer(manifest()[name]["text"], result.final["text"]) <= OFFLINE_WER[name] + WER_MARGIN, result.final
@@ -205,6 +219,7 @@ def test_api_key_is_required_when_set(strict_server):
             wrong = await expect_close(ws)
         async with websockets.connect(strict_server.ws_url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
             header = await speak(ws, read_pcm(SHORT)[:64000])
+        await until_idle(strict_server)
         async with websockets.connect(strict_server.ws_url + "?token=s3cret") as ws:
             query = await speak(ws, read_pcm(SHORT)[:64000])
         return missing, wrong, header, query
@@ -216,6 +231,7 @@ def test_api_key_is_required_when_set(strict_server):
 
 def test_utterance_over_the_length_limit_closes_with_1009(strict_server):
     async def scenario():
+        await until_idle(strict_server)
         async with websockets.connect(strict_server.ws_url + "?token=s3cret") as ws:
             await ws.send(read_pcm(SPEECH)[: 4 * 32000])
             return await expect_close(ws)
@@ -227,6 +243,7 @@ def test_utterance_over_the_length_limit_closes_with_1009(strict_server):
 def test_more_sessions_than_allowed_closes_with_1013(strict_server):
     async def scenario():
         url = strict_server.ws_url + "?token=s3cret"
+        await until_idle(strict_server)
         async with websockets.connect(url) as first:
             await first.send(json.dumps({"language": "en"}))
             async with websockets.connect(url) as second:
