@@ -32,6 +32,17 @@ def test_words_two_hypotheses_agree_on_are_committed_the_rest_is_tentative():
     assert texts(policy.tentative) == "excuse me,"
 
 
+def test_only_tentative_words_likely_to_survive_are_shown():
+    policy = LocalAgreement(window_seconds=6.0)
+    policy.update(words("the narrative would be") + [Word(2.0, 2.3, " tedious", 0.4)] + words("to him", start=2.5), 3.5)
+    assert texts(policy.shown_tentative()) == "the narrative would be"  # stops before the doubtful word
+    policy.update(words("a narrator could be te-"), 2.5)
+    assert texts(policy.shown_tentative()) == "a narrator could be"  # the newest word is held back
+    policy.update(words("a narrator co- would be tedious"), 3.0)
+    assert texts(policy.committed) == "a narrator"
+    assert policy.shown_tentative() == []  # nothing from a cut-off word on
+
+
 def test_committed_words_are_never_revised_even_when_a_later_decode_disagrees():
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(words("the narrative would be"), 2.0)
@@ -59,6 +70,7 @@ def test_repetition_loops_are_cut_and_never_committed():
     loop = words("and the the the the the the")
     assert repetition_start(loop) == 2
     assert repetition_start(words("we are we are we are we are we are")) == 2
+    assert repetition_start(words("1 0 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1")) == 7
     assert repetition_start(words("words words words and that")) is None  # three in a row is speech
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(loop, 3.5)
@@ -73,6 +85,14 @@ def test_low_probability_words_wait_for_more_audio():
     policy.update(hypothesis, 2.1)
     assert texts(policy.committed) == "to myself."
     assert texts(policy.tentative) == "Okay."
+
+
+def test_a_doubtful_word_inside_agreed_speech_does_not_hold_back_the_words_after_it():
+    policy = LocalAgreement(window_seconds=6.0)
+    hypothesis = words("which led") + [Word(1.0, 1.3, " me", 0.3)] + words("to leave my", start=1.5)
+    policy.update(hypothesis, 3.0)
+    policy.update(hypothesis, 3.5)
+    assert texts(policy.committed) == "which led me to leave my"
 
 
 def test_the_window_slides_to_a_sentence_end_and_bounds_every_decode():
