@@ -65,7 +65,7 @@ class Settings:
     cpu_threads: int = os.cpu_count() or 1
     max_sessions: int = 16
     max_utterance_seconds: float = 600.0
-    final_mode: str = "tail"
+    final_mode: str = "auto"
     trim_encoder_input: bool = True
     max_batch: int = 8
     api_key: str | None = None
@@ -86,7 +86,7 @@ class Settings:
             max_utterance_seconds=_number(
                 env, "MAX_UTTERANCE_SECONDS", defaults.max_utterance_seconds, 1.0, 7200.0, float
             ),
-            final_mode=_choice(env, "FINAL_MODE", defaults.final_mode, ("tail", "full")),
+            final_mode=_choice(env, "FINAL_MODE", defaults.final_mode, ("auto", "tail", "full")),
             trim_encoder_input=_choice(env, "TRIM_ENCODER_INPUT", "true", ("true", "false", "1", "0"))
             in ("true", "1"),
             max_batch=int(_number(env, "MAX_BATCH", defaults.max_batch, 1, 64, int)),
@@ -702,6 +702,11 @@ class Session:
     """One WebSocket: a receiver and a partial-maker under one TaskGroup, so nothing outlives it."""
 
     MIN_PARTIAL_SECONDS = 0.3
+    # FINAL_MODE=auto decodes the whole utterance again up to one Whisper window (its cost is that of
+    # one window however long the user spoke), beyond that only the audio after the committed words.
+    # On ../shared/eval (tiny.en) the whole-utterance final matched the offline WER, while the
+    # committed words alone lost an opening 'And' that two early decodes both missed.
+    FULL_FINAL_SECONDS = 30.0
     FINAL_PAD_SECONDS = 0.4  # silence after the last sample, so Whisper does not drop the last word
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
@@ -866,7 +871,7 @@ class Session:
             utterance.language = transcript.language
         policy = utterance.policy
         policy.update(_shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE)
-        if self.settings.final_mode == "tail":
+        if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
         committed, tentative = join_words(policy.committed), join_words(policy.shown_tentative())
         await self._send(
@@ -897,11 +902,15 @@ class Session:
             self._odd_byte = b""
             self._finalizing = False
 
+    def _final_decodes_whole(self, utterance: Utterance) -> bool:
+        mode = self.settings.final_mode
+        return mode == "full" or (mode == "auto" and utterance.seconds <= self.FULL_FINAL_SECONDS)
+
     async def _final_text(self, utterance: Utterance) -> tuple[str, str | None]:
         if utterance.audio.end == 0:
             return "", self.config.language
         pad = np.zeros(int(self.FINAL_PAD_SECONDS * SAMPLE_RATE), dtype=np.float32)
-        if self.settings.final_mode == "full":
+        if self._final_decodes_whole(utterance):
             audio = np.concatenate([utterance.audio.since(0), pad])
             options = DecodeOptions(
                 self.config.language,
@@ -912,7 +921,9 @@ class Session:
             )
             transcript = await self.engine.transcribe(audio, options, priority=PRIORITY_FINAL)
             assert transcript is not None  # finals are never stale
-            return transcript.text, transcript.language
+            words = transcript.words
+            loop = repetition_start(words)
+            return join_words(words if loop is None else words[:loop]), transcript.language
         # Tail: the committed words stand; only the window after them is decoded again.
         window_start = utterance.window_start
         audio = np.concatenate([utterance.audio.since(window_start), pad])

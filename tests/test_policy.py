@@ -134,7 +134,7 @@ def test_settings_come_from_the_environment_with_the_seed_defaults():
     assert custom.partial_every_ms == 250
     assert custom.allowed_origins == ("https://app.example", "localhost")
     assert Settings.from_env({"TRIM_ENCODER_INPUT": "false"}).trim_encoder_input is False
-    assert Settings.from_env({"FINAL_MODE": "full"}).final_mode == "full"
+    assert Settings.from_env({"FINAL_MODE": "tail"}).final_mode == "tail"
     for name, value in [("TRIM_ENCODER_INPUT", "maybe"), ("FINAL_MODE", "best"), ("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0")]:
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
