@@ -505,18 +505,21 @@ def _norm(text: str) -> str:
 
 
 def repetition_start(words: Sequence[Word], max_ngram: int = 8, max_repeats: int = 3) -> int | None:
-    """Index where an n-gram starts repeating more than max_repeats times in a row, else None.
+    """Where a decoding loop starts (after the loop's first round), else None.
 
-    Whisper's classic failure on streams is a loop ('the the the the ...'); such a tail must never
-    be committed.
+    Whisper's classic failure on streams is a loop ('the the the the ...') that runs to the end of
+    its output; such a tail must never be committed. A repetition followed by other words is
+    speech ('words words words words, and that is all') and stays.
     """
     keys = [_norm(w.text) for w in words]
+    best = None
     for n in range(1, max_ngram + 1):
-        for i in range(len(keys) - n * (max_repeats + 1) + 1):
-            gram = keys[i : i + n]
-            if all(keys[i + k * n : i + (k + 1) * n] == gram for k in range(1, max_repeats + 1)):
-                return i + n  # keep the first occurrence, drop the repeats
-    return None
+        start = len(keys) - n  # walk back while the words repeat with period n
+        while start > 0 and keys[start - 1] == keys[start - 1 + n]:
+            start -= 1
+        if len(keys) - start >= n * (max_repeats + 1) and (best is None or start + n < best):
+            best = start + n  # keep the first round, drop the repeats
+    return best
 
 
 class LocalAgreement:

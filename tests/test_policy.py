@@ -72,6 +72,7 @@ def test_repetition_loops_are_cut_and_never_committed():
     assert repetition_start(words("we are we are we are we are we are")) == 2
     assert repetition_start(words("1 0 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1 8 0 3 0 1")) == 7
     assert repetition_start(words("words words words and that")) is None  # three in a row is speech
+    assert repetition_start(words("more words words words words and that should be all")) is None
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(loop, 3.5)
     policy.update(loop, 4.0)
