@@ -1,0 +1,1 @@
+"""Benchmark of the realtime speech-to-text server: python -m bench --help."""

@@ -1,0 +1,65 @@
+"""The benchmark cannot rot: its figures on plain lists, and one short real run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import EVAL_DIR, ROOT, manifest
+
+from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile
+
+
+def test_percentile_interpolates():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_flicker_counts_rewrites_of_shown_words_but_not_a_growing_last_word():
+    partials = [
+        "if the",
+        "if the reader",  # grows: no rewrite
+        "if the readers will",  # last shown word changed: strict only
+        "if a reader will excuse",  # 'the' was shown and changed: a rewrite
+        "if a reader will excuse",  # no change: not an update
+    ]
+    assert flicker(partials) == (1, 2, 3)
+
+
+def test_coverage_and_committed_revisions():
+    assert coverage("The narrative would be tedious.", "the narrative would") == (3, 5)
+    assert coverage("Ask not.", "") == (0, 2)
+    assert committed_revisions(["", "If", "If the", "If the reader"]) == 0
+    assert committed_revisions(["If the", "If a"]) == 1
+
+
+def test_error_rate_pools_words_and_scores_characters_for_chinese():
+    assert error_rate([("Hello world.", "hello world", "en"), ("One two three four", "one two", "en")]) == pytest.approx(2 / 6)
+    assert error_rate([("今天天气", "今天天气", "zh")]) == 0.0
+
+
+def test_a_short_real_run_produces_every_figure(tmp_path):
+    name = "en_cmu_goforward.wav"
+    assert name in manifest(), f"{EVAL_DIR} lacks {name}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", "tiny.en", "--files", name, "--speed", "4", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [report] = tmp_path.glob("*.json")
+    figures = json.loads(report.read_text())
+    run = figures["run"]
+    assert run["files"] == 1 and run["dropped"] == 0 and run["errors"] == 0
+    assert 0 <= run["wer_final"] <= 0.2 and run["offline_wer"] is not None
+    assert run["final_latency_p50_s"] > 0 and run["cpu_per_audio_s"] > 0 and run["peak_rss_mb"] > 50
+    assert run["committed_revisions"] == 0
+    assert figures["environment"]["model"] == "tiny.en"
+    assert figures["files"][0]["final"]
+    assert "| final latency p50 / p95 |" in result.stdout
