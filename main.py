@@ -15,6 +15,7 @@ import contextvars
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -65,7 +66,7 @@ class Settings:
     cpu_threads: int = os.cpu_count() or 1
     max_sessions: int = 16
     max_utterance_seconds: float = 600.0
-    final_mode: str = "auto"
+    final_mode: str = "full"
     trim_encoder_input: bool = True
     max_batch: int = 8
     api_key: str | None = None
@@ -160,7 +161,8 @@ class EncoderSpan:
 
     Whisper was trained on 30 s windows. Measured on ../shared/eval's English files (tiny.en, whole
     files): the bare audio alone makes it loop (mean WER 0.15 -> 8.6); a floor of 10 s and a 5 s
-    margin costs 0.006 WER and 46 % of the decode time; 15 s and 10 s loses no WER and saves 37 %.
+    margin costs 0.006 WER and 46 % of the decode time, which suits partials. Finals keep the full
+    30 s: even 15 s and 10 s raised base's pooled final WER from 0.122 to 0.143.
     """
 
     floor: int
@@ -168,7 +170,6 @@ class EncoderSpan:
 
 
 PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=500)
-FINAL_ENCODER = EncoderSpan(floor=1500, margin=1000)
 _encoder_span: contextvars.ContextVar[EncoderSpan | None] = contextvars.ContextVar("encoder_span", default=None)
 
 
@@ -674,9 +675,13 @@ class AudioBuffer:
 
     def since(self, sample: int) -> np.ndarray:
         """float32 audio from ``sample`` (clamped to what is kept) to the end."""
-        if not self._chunks:
+        skip, first = max(0, sample - self.start), 0
+        while first < len(self._chunks) and skip >= self._chunks[first].size:
+            skip -= self._chunks[first].size
+            first += 1
+        if first == len(self._chunks):
             return np.zeros(0, dtype=np.float32)
-        audio = np.concatenate(self._chunks)[max(0, sample - self.start) :]
+        audio = np.concatenate(self._chunks[first:])[skip:]
         return audio.astype(np.float32) / 32768.0
 
     def trim(self, sample: int) -> None:
@@ -705,12 +710,13 @@ class Session:
     """One WebSocket: a receiver and a partial-maker under one TaskGroup, so nothing outlives it."""
 
     MIN_PARTIAL_SECONDS = 0.3
-    # FINAL_MODE=auto decodes the whole utterance again up to one Whisper window (its cost is that of
-    # one window however long the user spoke), beyond that only the audio after the committed words.
-    # On ../shared/eval (tiny.en) the whole-utterance final matched the offline WER, while the
-    # committed words alone lost an opening 'And' that two early decodes both missed.
+    # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: on
+    # ../shared/eval the committed words plus the tail lost words LocalAgreement had dropped early
+    # (an opening 'And', 13-14 errors on each long-form file). FINAL_MODE=auto does so up to one
+    # Whisper window and keeps the tail beyond, bounding the final's cost; tail always does. No
+    # silence is padded after the last sample: 0.3-0.5 s of it raised the pooled final WER on both
+    # tiny.en (0.094 -> 0.098) and base (0.122 -> 0.130), cutting short 'how to talk like this'.
     FULL_FINAL_SECONDS = 30.0
-    FINAL_PAD_SECONDS = 0.4  # silence after the last sample, so Whisper does not drop the last word
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
         self.ws = ws
@@ -837,19 +843,23 @@ class Session:
             prompt=utterance.policy.prompt(),
             temperatures=(0.0, 0.2, 0.4, 0.6) if final else (0.0,),
             max_new_tokens=token_budget(seconds),
-            encoder=FINAL_ENCODER if final else PARTIAL_ENCODER,
+            encoder=None if final else PARTIAL_ENCODER,
         )
 
     async def _make_partials(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.settings.partial_every_ms / 1000
-        next_at = loop.time()
+        earliest = 0.0
         while True:
-            await self._audio_arrived.wait()
             # Cadence, not polling: this waits only while new audio is pending.
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await self._audio_arrived.wait()
+            # Every session ticks on one clock grid, so the partials that are due meet in the
+            # engine's queue at the same moment and run as one batch. Under load a decode outlasts
+            # the interval and the next tick comes later: cadence stretches instead of work queueing.
+            tick = max(earliest, math.ceil(loop.time() / interval) * interval)
+            await asyncio.sleep(max(0.0, tick - loop.time()))
             self._audio_arrived.clear()
-            next_at = loop.time() + interval
+            earliest = tick + interval
             await self._partial()
 
     async def _partial(self) -> None:
@@ -912,24 +922,18 @@ class Session:
     async def _final_text(self, utterance: Utterance) -> tuple[str, str | None]:
         if utterance.audio.end == 0:
             return "", self.config.language
-        pad = np.zeros(int(self.FINAL_PAD_SECONDS * SAMPLE_RATE), dtype=np.float32)
         if self._final_decodes_whole(utterance):
-            audio = np.concatenate([utterance.audio.since(0), pad])
             options = DecodeOptions(
-                self.config.language,
-                self.config.task,
-                self.config.beam_size,
-                temperatures=(0.0, 0.2, 0.4, 0.6),
-                encoder=FINAL_ENCODER,
+                self.config.language, self.config.task, self.config.beam_size, temperatures=(0.0, 0.2, 0.4, 0.6)
             )
-            transcript = await self.engine.transcribe(audio, options, priority=PRIORITY_FINAL)
+            transcript = await self.engine.transcribe(utterance.audio.since(0), options, priority=PRIORITY_FINAL)
             assert transcript is not None  # finals are never stale
             words = transcript.words
             loop = repetition_start(words)
             return join_words(words if loop is None else words[:loop]), transcript.language
         # Tail: the committed words stand; only the window after them is decoded again.
         window_start = utterance.window_start
-        audio = np.concatenate([utterance.audio.since(window_start), pad])
+        audio = utterance.audio.since(window_start)
         transcript = await self.engine.transcribe(
             audio, self._window_options(utterance, audio.size / SAMPLE_RATE, final=True), priority=PRIORITY_FINAL
         )
