@@ -7,8 +7,19 @@ const state = {
   retries: 0,
   health: null,
   recording: false,
+  starting: false, // between a press and the microphone being open
   capture: null, // {stream, context, node, stopped}
+  awaitingFinal: false, // from the config of an utterance to its final
   stopSentAt: 0,
+  heldSpace: false,
+};
+
+// Close codes the server uses, in words for people.
+const CLOSE_WORDS = {
+  1008: "the server refused this page",
+  1009: "the utterance was too long; stop sooner",
+  1011: "the server failed; it may work again after a retry",
+  1013: "the server is busy; retrying",
 };
 
 function setStatus(text, kind) {
@@ -44,6 +55,11 @@ function showSettings(health) {
   if (!health.can_translate) $("task").value = "transcribe";
 }
 
+// "Systran/faster-whisper-tiny.en" as it is; a local path by its last two folders, not a bare "model".
+function modelName(model) {
+  return String(model || "model").replace(/\/+$/, "").split("/").slice(-2).join("/");
+}
+
 function socketUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const key = sessionStorage.getItem(KEY);
@@ -63,23 +79,32 @@ async function connect() {
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   ws.onopen = () => {
+    if (state.ws !== ws) return;
     state.retries = 0;
-    setStatus(`connected · ${state.health.model.split("/").pop()} on ${state.health.device}`, "connected");
+    setStatus(`connected · ${modelName(state.health.model)} on ${state.health.device}`, "connected");
     $("talk").disabled = false;
   };
-  ws.onmessage = (event) => onMessage(JSON.parse(event.data));
+  ws.onmessage = (event) => {
+    if (state.ws === ws) onMessage(JSON.parse(event.data));
+  };
   ws.onclose = (event) => {
+    if (state.ws !== ws) return; // an older socket, already replaced
     state.ws = null;
     $("talk").disabled = true;
-    if (state.recording) stopCapture(false);
+    const interrupted = state.recording || state.starting || state.awaitingFinal;
+    if (state.capture) stopCapture(false);
+    state.recording = false;
+    state.awaitingFinal = false;
+    setTalking(false);
     if (event.code === 1008) {
       // Refused (API key or origin): retrying the same way cannot help.
-      showError(event.reason || "the server refused this page");
+      showError(event.reason || CLOSE_WORDS[1008]);
       setStatus("not connected", "closed");
-      if (/API key/i.test(event.reason)) askForKey();
+      if (/API key|token|unauthori/i.test(event.reason)) askForKey();
       return;
     }
-    if (event.code === 1009 || event.code === 1011) showError(event.reason || `connection closed (${event.code})`);
+    if (CLOSE_WORDS[event.code]) showError(event.reason ? `${CLOSE_WORDS[event.code]} (${event.reason})` : CLOSE_WORDS[event.code]);
+    else if (interrupted) showError("the connection was lost during the utterance; it was not transcribed");
     scheduleReconnect(event.reason || "connection lost");
   };
 }
@@ -97,6 +122,7 @@ function askForKey() {
 
 function onMessage(message) {
   if (message.type === "partial") {
+    if (!state.awaitingFinal) return; // a late partial must not bring back a finished utterance
     const hasSplit = typeof message.committed === "string";
     $("committed").textContent = hasSplit ? message.committed : "";
     $("tentative").textContent = hasSplit ? message.tentative : message.text;
@@ -109,6 +135,14 @@ function onMessage(message) {
     latency.className = "latency";
     latency.textContent = `final in ${Math.round(performance.now() - state.stopSentAt)} ms`;
     item.append(text, latency);
+    if (typeof message.duration_s === "number") {
+      const duration = document.createElement("span");
+      duration.className = "duration";
+      const language = message.language ? `, ${message.language}` : "";
+      duration.textContent = `${message.duration_s.toFixed(1)} s of audio${language}`;
+      item.append(duration);
+    }
+    state.awaitingFinal = false;
     $("history").prepend(item);
     $("committed").textContent = "";
     $("tentative").textContent = "";
@@ -125,8 +159,9 @@ function config() {
 }
 
 async function start() {
-  if (state.recording || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  if (state.recording || state.starting || state.capture || !state.ws || state.ws.readyState !== WebSocket.OPEN) return;
   state.recording = true;
+  state.starting = true;
   setTalking(true);
   showError("");
   $("committed").textContent = "";
@@ -144,10 +179,17 @@ async function start() {
     const mute = context.createGain();
     mute.gain.value = 0;
     context.createMediaStreamSource(stream).connect(node).connect(mute).connect(context.destination);
+    state.starting = false;
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+      teardown(capture); // the socket went away while the microphone opened
+      return;
+    }
     state.capture = capture;
     state.ws.send(JSON.stringify(config()));
+    state.awaitingFinal = true;
     if (!state.recording) stopCapture(true); // released before the microphone opened
   } catch (error) {
+    state.starting = false;
     state.recording = false;
     setTalking(false);
     showError(`microphone unavailable: ${error.message}`);
@@ -156,7 +198,9 @@ async function start() {
 
 function onWorklet(message, capture) {
   if (message.type === "level") {
-    $("level").value = Math.min(1, message.rms * 4);
+    // -60 dBFS (quiet room) .. 0 dBFS (full scale) on the meter.
+    const db = 20 * Math.log10(Math.max(message.rms, 1e-6));
+    $("level").value = Math.min(1, Math.max(0, (db + 60) / 60));
     return;
   }
   if (capture.stopped && !message.last) return;
@@ -166,6 +210,11 @@ function onWorklet(message, capture) {
 
 function stop() {
   if (!state.recording) return;
+  if (state.starting) {
+    state.recording = false; // start() sends the stop once the microphone is open
+    setTalking(false);
+    return;
+  }
   state.recording = false;
   setTalking(false);
   if (state.capture) stopCapture(true);
@@ -201,19 +250,29 @@ function teardown(capture) {
   $("level").value = 0;
 }
 
+// Space belongs to the focused control (typing, choosing, pressing another button), not to push-to-talk.
 function typing(event) {
-  return event.target instanceof Element && event.target.closest("input, select, textarea");
+  return event.target instanceof Element && event.target.closest("input, select, textarea, a[href], button:not(#talk)");
 }
 
 $("talk").addEventListener("click", () => (state.recording ? stop() : start()));
 document.addEventListener("keydown", (event) => {
   if (event.code !== "Space" || typing(event)) return;
   event.preventDefault(); // no scrolling, and no button click on release
-  if (!event.repeat) start();
+  if (event.repeat || state.heldSpace) return;
+  state.heldSpace = true;
+  start();
 });
 document.addEventListener("keyup", (event) => {
-  if (event.code !== "Space" || typing(event)) return;
+  if (event.code !== "Space" || !state.heldSpace) return;
   event.preventDefault();
+  state.heldSpace = false;
+  stop();
+});
+// Leaving the window while holding space never delivers the keyup: treat it as a release.
+window.addEventListener("blur", () => {
+  if (!state.heldSpace) return;
+  state.heldSpace = false;
   stop();
 });
 $("key-form").addEventListener("submit", (event) => {
@@ -221,6 +280,9 @@ $("key-form").addEventListener("submit", (event) => {
   sessionStorage.setItem(KEY, $("key").value);
   $("key-form").hidden = true;
   showError("");
+  const old = state.ws;
+  state.ws = null; // its close must not schedule a reconnect of its own
+  if (old) old.close();
   connect();
 });
 

@@ -69,9 +69,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_server(env: dict[str, str] | None = None, log_dir: Path | None = None) -> Iterator[Server]:
+def start_server(
+    env: dict[str, str] | None = None, log_dir: Path | None = None, port: int | None = None
+) -> Iterator[Server]:
     """A real `uvicorn main:app` subprocess on 127.0.0.1 with the tiny.en model unless env says otherwise."""
-    port = free_port()
+    port = port or free_port()
     log_dir = log_dir or ARTIFACTS
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"server-{port}.log"
