@@ -265,21 +265,36 @@ async def run_streams(url: str, plans: list[list[Item]], speed: float, label: st
 
 
 def utterance_figures(u: Utterance) -> dict:
+    """One file's figures; times are the client's monotonic clock at send or arrival.
+
+    - final_latency_s: stop frame sent -> final message received.
+    - cadence_s (and its p50/p95): intervals between successive partials received before stop was
+      sent, i.e. while audio flowed (partials arriving after stop are left out of every partial figure).
+    - first_partial_s / first_text_s: first audio frame sent -> first partial / first non-empty partial.
+    - rewrites, strict_rewrites, updates: metrics.flicker over the partial texts.
+    - covered / final_units: metrics.coverage of the final by the last partial before stop.
+    - committed_revisions: metrics.committed_revisions over the partials' `committed` (0 if absent).
+    - wer_final / wer_last_partial: this file alone (None for references that are an engine's output).
+    """
     partials = u.of_type("partial")
     final = u.final
     figures: dict = {"file": u.item.name, "language": u.item.language, "duration_s": u.item.duration}
     if final is None:
-        return {**figures, "error": u.error or "no final"}
+        return {**figures, "error": u.error or "no final", "errors": len(u.of_type("error"))}
     arrivals = [t for t, _ in partials if t <= u.stop_sent]
     texts = [m["text"] for t, m in partials if t <= u.stop_sent]
     last = texts[-1] if texts else ""
     rewrites, strict, updates = flicker(texts, u.item.language)
     matched, total = coverage(final["text"], last, u.item.language)
     first_text = next((t for t, m in partials if m["text"]), None)
+    cadence = [round(float(c), 4) for c in np.diff(arrivals)]
+    scored = [(u.item.reference, final["text"], u.item.language)] if u.item.scored else []
     return {
         **figures,
         "final_latency_s": final_time(u) - u.stop_sent,
-        "cadence_s": list(np.diff(arrivals)),
+        "cadence_p50_s": percentile(cadence, 50),
+        "cadence_p95_s": percentile(cadence, 95),
+        "cadence_s": cadence,
         "first_partial_s": arrivals[0] - u.first_audio if arrivals else None,
         "first_text_s": first_text - u.first_audio if first_text else None,
         "partials": len(texts),
@@ -289,6 +304,8 @@ def utterance_figures(u: Utterance) -> dict:
         "covered": matched,
         "final_units": total,
         "committed_revisions": committed_revisions([m.get("committed", "") for _, m in partials]),
+        "wer_final": error_rate(scored),
+        "wer_last_partial": error_rate([(r, last, lang) for r, _, lang in scored]),
         "final": final["text"],
         "last_partial": last,
         "errors": len(u.of_type("error")),
@@ -300,21 +317,26 @@ def final_time(u: Utterance) -> float:
 
 
 def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
+    """Figures pooled over files: percentiles over every file's values (every cadence interval),
+    flicker = all rewrites / all updates, coverage = all covered / all final units, WER pooled by
+    jiwer over the scored files (errors / reference words). A file without a final is dropped."""
     ok = [r for r in rows if "error" not in r]
     cadence = [c for r in ok for c in r["cadence_s"]]
     latency = [r["final_latency_s"] for r in ok]
     first = [r["first_text_s"] for r in ok if r["first_text_s"] is not None]
+    first_partial = [r["first_partial_s"] for r in ok if r["first_partial_s"] is not None]
     scored = [r for r in ok if items[r["file"]].scored]
     updates = sum(r["updates"] for r in ok)
     return {
         "files": len(rows),
         "dropped": len(rows) - len(ok),
-        "errors": sum(r["errors"] for r in ok),
+        "errors": sum(r["errors"] for r in rows),
         "final_latency_p50_s": percentile(latency, 50),
         "final_latency_p95_s": percentile(latency, 95),
         "cadence_p50_s": percentile(cadence, 50),
         "cadence_p95_s": percentile(cadence, 95),
-        "first_partial_p50_s": percentile([r["first_partial_s"] for r in ok if r["first_partial_s"] is not None], 50),
+        "first_partial_p50_s": percentile(first_partial, 50),
+        "first_partial_p95_s": percentile(first_partial, 95),
         "first_text_p50_s": percentile(first, 50),
         "first_text_p95_s": percentile(first, 95),
         "flicker": sum(r["rewrites"] for r in ok) / updates if updates else None,
@@ -326,11 +348,14 @@ def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
     }
 
 
-def offline(model_id: str, items: list[Item], threads: int, compute_type: str) -> dict:
-    """Plain faster-whisper on whole files: the reference for accuracy and compute."""
+def offline(model_id: str, items: list[Item], threads: int, compute_type: str, device: str = "cpu") -> dict:
+    """Plain faster-whisper on whole files: the reference for accuracy and compute.
+
+    cpu_s is the bench process's CPU time (all threads) spent in transcribe, comparable with the
+    server's CPU seconds on a CPU machine (on a GPU it leaves out the GPU's work)."""
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(model_id, device="cpu", compute_type=compute_type, cpu_threads=threads)
+    model = WhisperModel(model_id, device=device, compute_type=compute_type, cpu_threads=threads)
     texts, seconds = {}, 0.0
     for item in items:
         audio = np.frombuffer(read_pcm(item.path), dtype="<i2").astype(np.float32) / 32768
@@ -391,6 +416,7 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--languages", help="comma-separated; default: en for English-only models, else all")
     parser.add_argument("--files", help="comma-separated audio names from the manifest (default all)")
+    parser.add_argument("--limit", type=int, help="only the first N files (after --languages and --files)")
     parser.add_argument("--streams", type=int, default=1, help="concurrent clients in the main run")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time, 2 = twice as fast, 0 = no pacing")
     parser.add_argument("--sweep", action="store_true", help="also find streams per machine")
@@ -410,6 +436,7 @@ def main() -> None:
     ).read_text()
     languages = set(args.languages.split(",")) if args.languages else ({"en"} if english_only else None)
     items = load_manifest(args.manifest, languages, set(args.files.split(",")) if args.files else None)
+    items = items[: args.limit] if args.limit else items
     if not items:
         raise SystemExit("no files to stream: check --manifest, --languages and --files")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -420,6 +447,7 @@ def main() -> None:
     tag = f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+        partial_every = health(server).get("partial_every_ms", partial_every * 1000) / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
         utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)")
         rows = [utterance_figures(u) for u in utterances]
@@ -429,7 +457,9 @@ def main() -> None:
         levels = sweep(server, items, args, partial_every) if args.sweep else []
         run["peak_rss_mb"] = server.peak_rss / 2**20
         server_health = health(server)
-    reference = None if args.no_offline else offline(model_id, items, args.threads, args.compute_type)
+    reference = None if args.no_offline else offline(
+        model_id, items, args.threads, args.compute_type, server_health.get("device", "cpu")
+    )
     if reference:
         run["offline_wer"] = reference["wer"]
         run["offline_cpu_s"] = reference["cpu_s"]
@@ -465,6 +495,8 @@ def environment(args: argparse.Namespace, model_id: str, server_health: dict) ->
         "model": args.model,
         "model_id": model_id,
         "compute_type": args.compute_type,
+        "device": server_health.get("device"),
+        "partial_every_ms": server_health.get("partial_every_ms"),
         "threads": args.threads,
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -493,7 +525,8 @@ def markdown(result: dict) -> str:
         "|---|---|",
         f"| final latency p50 / p95 | {_fmt(run['final_latency_p50_s'], ' s')} / {_fmt(run['final_latency_p95_s'], ' s')} |",
         f"| partial cadence p50 / p95 | {_fmt(run['cadence_p50_s'], ' s')} / {_fmt(run['cadence_p95_s'], ' s')} |",
-        f"| first partial / first text (p50) | {_fmt(run['first_partial_p50_s'], ' s')} / {_fmt(run['first_text_p50_s'], ' s')} |",
+        f"| first partial p50 / p95 | {_fmt(run['first_partial_p50_s'], ' s')} / {_fmt(run['first_partial_p95_s'], ' s')} |",
+        f"| first partial with text p50 / p95 | {_fmt(run['first_text_p50_s'], ' s')} / {_fmt(run['first_text_p95_s'], ' s')} |",
         f"| flicker (strict) | {_fmt(run['flicker'], ' %', 100, 1)} ({_fmt(run['flicker_strict'], ' %', 100, 1)}) |",
         f"| last partial covers final | {_fmt(run['coverage'], ' %', 100, 1)} |",
         f"| committed text revised | {run['committed_revisions']} |",
