@@ -66,6 +66,20 @@ def test_a_hypothesis_that_repeats_the_committed_tail_is_not_committed_twice():
     assert texts(policy.committed) == "ask not what your country can"
 
 
+def test_new_words_crammed_into_committed_time_are_not_lost():
+    # Seen with tiny.en: the decode skipped the sentence already committed, and the word alignment
+    # spread the next sentence's first words over that sentence's time.
+    policy = LocalAgreement(window_seconds=10.0)
+    sentence = words("nor of the circumstances which led me to leave my native country.")
+    policy.update(sentence, 6.5)
+    policy.update(sentence, 7.0)
+    assert texts(policy.committed).endswith("native country.")
+    crammed = [Word(0.0, 2.5, " The", 0.9), Word(2.5, 2.52, " narrative"), Word(2.52, 6.6, " would"), Word(6.6, 6.8, " be")]
+    policy.update([*crammed, Word(6.8, 7.2, " tedious")], 7.5)
+    policy.update([*crammed, Word(6.8, 7.2, " tedious"), Word(7.2, 7.5, " to")], 8.0)
+    assert texts(policy.committed).endswith("native country. The narrative would be tedious")
+
+
 def test_repetition_loops_are_cut_and_never_committed():
     loop = words("and the the the the the the")
     assert repetition_start(loop) == 2
