@@ -78,6 +78,15 @@ def test_new_words_crammed_into_committed_time_are_not_lost():
     policy.update([*crammed, Word(6.8, 7.2, " tedious")], 7.5)
     policy.update([*crammed, Word(6.8, 7.2, " tedious"), Word(7.2, 7.5, " to")], 8.0)
     assert texts(policy.committed).endswith("native country. The narrative would be tedious")
+    # The other way a skip shows: the committed words are read again, then new ones crammed in
+    # before the committed end. Those after the last committed word are new.
+    policy = LocalAgreement(window_seconds=10.0)
+    policy.update(words("ask not what your country can do"), 3.5)
+    policy.update(words("ask not what your country can do"), 4.0)
+    reread = words("ask not what your country can do for you", step=0.35)
+    policy.update([*reread, Word(3.5, 3.8, " ask")], 4.0)
+    policy.update([*reread, Word(3.5, 3.8, " ask"), Word(3.8, 4.1, " what")], 4.5)
+    assert texts(policy.committed) == "ask not what your country can do for you ask"
 
 
 def test_repetition_loops_are_cut_and_never_committed():
