@@ -221,6 +221,7 @@ class Transcript:
 
 PRIORITY_FINAL = 0
 PRIORITY_PARTIAL = 1
+BATCH_GATHER_SECONDS = 0.01
 
 
 @dataclass(order=True)
@@ -286,6 +287,8 @@ class Engine:
             if not batch:
                 continue
             if _batchable(batch[0]):
+                # The sessions that shared the last batch come back within a few ms of each other.
+                await asyncio.sleep(BATCH_GATHER_SECONDS)
                 batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
             self.stats["decodes"] += len(batch)
             self.stats["batches"] += 1
@@ -901,8 +904,11 @@ class Session:
             await self._audio_arrived.wait()
             # Every session ticks on one clock grid, so the partials that are due meet in the
             # engine's queue at the same moment and run as one batch. Under load a decode outlasts
-            # the interval and the next tick comes later: cadence stretches instead of work queueing.
-            tick = max(earliest, math.ceil(loop.time() / interval) * interval)
+            # the interval: the next one starts as soon as it returns, with the sessions that shared
+            # its batch, so cadence stretches to the batch's time instead of work queueing. (Waiting
+            # for the next grid point instead made it a whole interval longer.)
+            now = loop.time()
+            tick = max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
             await asyncio.sleep(max(0.0, tick - loop.time()))
             self._audio_arrived.clear()
             earliest = tick + interval
