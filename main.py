@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
-from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps
+from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps, get_vad_model
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -221,17 +222,20 @@ class Transcript:
 
 PRIORITY_FINAL = 0
 PRIORITY_PARTIAL = 1
+PRIORITY_SPECULATIVE = 2  # a final decoded ahead of the stop, with time nobody else wants
+LOAD_WINDOW_SECONDS = 3.0
 BATCH_GATHER_SECONDS = 0.01
 
 
 @dataclass(order=True)
-class _Job:
+class Job:
     priority: int
     seq: int
     audio: np.ndarray = field(compare=False)
     options: DecodeOptions = field(compare=False)
     is_stale: Callable[[], bool] = field(compare=False)
     future: asyncio.Future[Transcript | None] = field(compare=False)
+    started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
 
 
 class Engine:
@@ -250,10 +254,20 @@ class Engine:
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
-        self.stats = {"decodes": 0, "batches": 0, "largest_batch": 0, "stale_dropped": 0}
-        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self.stats = {
+            "decodes": 0,
+            "batches": 0,
+            "largest_batch": 0,
+            "stale_dropped": 0,
+            "decodes_skipped": 0,  # partials resent unchanged because only silence came since
+            "speculative_runs": 0,  # finals decoded during a pause, ahead of the stop
+            "speculative_finals": 0,  # ... of which the stop used
+        }
+        self._queue: asyncio.PriorityQueue[Job] = asyncio.PriorityQueue()
         self._seq = itertools.count()
         self._worker: asyncio.Task[None] | None = None
+        self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
+        self._busy_since: float | None = None
 
     def warm_up(self) -> None:
         """Run one real decode so the first user does not pay for lazy initialisation."""
@@ -277,9 +291,27 @@ class Engine:
         is_stale: Callable[[], bool] = lambda: False,
     ) -> Transcript | None:
         """Queue a decode; None when the job went stale before its turn."""
+        return await self.submit(audio, options, priority=priority, is_stale=is_stale).future
+
+    def submit(
+        self, audio: np.ndarray, options: DecodeOptions, *, priority: int, is_stale: Callable[[], bool]
+    ) -> Job:
+        """Queue a decode and return at once; its future gives the transcript, or None if it went stale."""
         future: asyncio.Future[Transcript | None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(priority, next(self._seq), audio, options, is_stale, future))
-        return await future
+        job = Job(priority, next(self._seq), audio, options, is_stale, future)
+        self._queue.put_nowait(job)
+        return job
+
+    def load(self) -> float:
+        """The share of the last few seconds the model was busy: speculation only uses spare time."""
+        now = asyncio.get_running_loop().time()
+        since = now - LOAD_WINDOW_SECONDS
+        while self._busy and self._busy[0][1] < since:
+            self._busy.popleft()
+        busy = sum(end - max(start, since) for start, end in self._busy)
+        if self._busy_since is not None:
+            busy += now - max(self._busy_since, since)
+        return busy / LOAD_WINDOW_SECONDS
 
     async def _serve(self) -> None:
         while True:
@@ -293,6 +325,11 @@ class Engine:
             self.stats["decodes"] += len(batch)
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            for job in batch:
+                job.started = True
+                self.stats["speculative_runs"] += job.priority == PRIORITY_SPECULATIVE
+            loop = asyncio.get_running_loop()
+            self._busy_since = loop.time()
             try:
                 if _batchable(batch[0]):
                     results = await asyncio.to_thread(
@@ -308,8 +345,11 @@ class Engine:
                 for job, result in zip(batch, results):
                     if not job.future.done():
                         job.future.set_result(result)
+            finally:
+                self._busy.append((self._busy_since, loop.time()))
+                self._busy_since = None
 
-    def _live(self, jobs: list[_Job]) -> list[_Job]:
+    def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs still wanted; the others are answered None without running."""
         live = []
         for job in jobs:
@@ -322,7 +362,7 @@ class Engine:
                 live.append(job)
         return live
 
-    def _take_compatible(self, first: _Job, limit: int) -> list[_Job]:
+    def _take_compatible(self, first: Job, limit: int) -> list[Job]:
         """Queued partials that can share ``first``'s batch; the rest go back in their order."""
         taken, kept = [], []
         while not self._queue.empty():
@@ -481,6 +521,30 @@ LOGPROB_THRESHOLD = -1.0
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 VAD_OPTIONS = VadOptions()
+VAD_FRAME = 512  # samples Silero scores at a time
+VAD_CONTEXT = 64  # samples of the frame before that Silero sees with each frame
+
+
+@dataclass(frozen=True)
+class VadState:
+    """Silero's recurrent state and the tail of the last frame it scored, carried between calls."""
+
+    h: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 128), dtype=np.float32))
+    c: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 128), dtype=np.float32))
+    context: np.ndarray = field(default_factory=lambda: np.zeros(VAD_CONTEXT, dtype=np.float32))
+
+
+def speech_probabilities(audio: np.ndarray, state: VadState) -> tuple[np.ndarray, VadState]:
+    """Silero's speech probability for each 512-sample frame of ``audio`` (whole frames; a worker-thread
+    call), continuing from ``state``: frame by frame the same as faster-whisper's pass over the whole
+    audio, whose scores depend on every frame before (measured: up to 0.84 apart without the state)."""
+    frames = audio.reshape(-1, VAD_FRAME)
+    contexts = np.concatenate([state.context[None], frames[:-1, -VAD_CONTEXT:]])
+    batch = np.concatenate([contexts, frames], axis=1)
+    output, h, c = get_vad_model().session.run(None, {"input": batch, "h": state.h, "c": state.c})
+    return np.asarray(output, dtype=np.float32).reshape(-1), VadState(h, c, frames[-1, -VAD_CONTEXT:].copy())
+
+
 PROMPT_BUCKETS = (0, 8, 16, 32, 48)
 
 
@@ -488,7 +552,7 @@ def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
     return (options.language, options.task, options.beam_size, options.encoder)
 
 
-def _batchable(job: _Job) -> bool:
+def _batchable(job: Job) -> bool:
     """Partials with a known language batch; finals (long audio, fallback) and language detection don't."""
     return job.priority == PRIORITY_PARTIAL and job.options.language is not None
 
@@ -739,11 +803,59 @@ class AudioBuffer:
             self.start += self._chunks.pop(0).size
 
 
+class SpeechActivity:
+    """Where in an utterance the speaker was talking, scored 32 ms at a time as the audio arrives.
+
+    A frame counts as speech from Silero's lower threshold up: faster-whisper's VAD keeps a speech
+    chunk going until the score falls below it, and whispered words score little more. Only the last
+    speech frame matters to the session.
+    """
+
+    def __init__(self, threshold: float = VAD_OPTIONS.neg_threshold or VAD_OPTIONS.threshold - 0.15) -> None:
+        self.threshold = threshold
+        self.frames = 0  # frames scored
+        self.last_speech = -1  # index of the last frame scored as speech, -1 before any
+        self.vad_state = VadState()
+
+    @property
+    def scored_until(self) -> int:
+        return self.frames * VAD_FRAME
+
+    def add(self, probabilities: np.ndarray) -> None:
+        loud = np.flatnonzero(probabilities >= self.threshold)
+        if loud.size:
+            self.last_speech = self.frames + int(loud[-1])
+        self.frames += probabilities.size
+
+    def heard(self) -> bool:
+        return self.last_speech >= 0
+
+    def silent_since(self, sample: int) -> bool:
+        """No frame scored as speech ends after ``sample``."""
+        return (self.last_speech + 1) * VAD_FRAME <= sample
+
+    def trailing_silence(self) -> float:
+        """Seconds since the speech stopped, as far as it is scored."""
+        return (self.frames - 1 - self.last_speech) * VAD_FRAME / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A whole-utterance final decoded during a pause, for a stop that comes before more speech."""
+
+    end: int  # samples it decoded; it stands while nothing after them is speech
+    job: Job
+
+
 @dataclass
 class Utterance:
     policy: LocalAgreement
     audio: AudioBuffer = field(default_factory=AudioBuffer)
+    speech: SpeechActivity = field(default_factory=SpeechActivity)
     decoded_until: int = 0  # samples covered by the last partial decode
+    settled: bool = False  # the last partial decode came after the speaker had stopped
+    last_partial: dict[str, Any] | None = None
+    speculation: Speculation | None = None
     language: str | None = None  # detected once, then reused so each decode need not detect again
 
     @property
@@ -756,9 +868,15 @@ class Utterance:
 
 
 class Session:
-    """One WebSocket: a receiver and a partial-maker under one TaskGroup, so nothing outlives it."""
+    """One WebSocket: a receiver, a partial-maker and a speech watcher under one TaskGroup, so
+    nothing outlives it."""
 
     MIN_PARTIAL_SECONDS = 0.3
+    # A pause this long, with the model mostly idle, starts the final's decode before the stop: a
+    # push-to-talk user lets go a few hundred ms after the last word, and if nothing more is said
+    # the final is ready, or under way, when the stop comes.
+    SPECULATE_AFTER_SILENCE = 0.2
+    SPECULATE_MAX_LOAD = 0.6
     # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: on
     # ../shared/eval the committed words plus the tail lost words LocalAgreement had dropped early
     # (an opening 'And', 13-14 errors on each long-form file). FINAL_MODE=auto does so up to one
@@ -777,12 +895,15 @@ class Session:
         self._finalizing = False
         self._closed = False
         self._audio_arrived = asyncio.Event()
+        self._audio_to_score = asyncio.Event()
+        self._scoring = asyncio.Lock()
 
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive())
                 tasks.create_task(self._make_partials())
+                tasks.create_task(self._watch_speech())
         except* (ClientGone, SessionClosed):
             pass
         finally:
@@ -833,6 +954,7 @@ class Session:
             await self._close(1009, f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; send stop sooner")
         self.utterance.audio.append(samples)
         self._audio_arrived.set()
+        self._audio_to_score.set()
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -922,6 +1044,15 @@ class Session:
             return
         if (audio_end - window_start) / SAMPLE_RATE < self.MIN_PARTIAL_SECONDS:
             return
+        await self._score_speech(utterance)
+        quiet = utterance.speech.silent_since(utterance.decoded_until)
+        if quiet and utterance.settled:
+            # Nothing said since a decode that already came after the speaker stopped: the text
+            # cannot change, so the partial is sent again without a decode.
+            utterance.decoded_until = audio_end
+            self.engine.stats["decodes_skipped"] += 1
+            await self._send_partial(utterance, utterance.last_partial)
+            return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
         transcript = await self.engine.transcribe(
             audio,
@@ -932,6 +1063,7 @@ class Session:
         if transcript is None or self._finalizing or self.utterance is not utterance:
             return  # overtaken by the final: a partial after it would be stale
         utterance.decoded_until = audio_end
+        utterance.settled = quiet
         if utterance.language is None and transcript.language and self.engine.multilingual:
             utterance.language = transcript.language
         policy = utterance.policy
@@ -939,14 +1071,88 @@ class Session:
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
         committed, tentative = join_words(policy.committed), join_words(policy.shown_tentative())
-        await self._send(
+        await self._send_partial(
+            utterance,
             {
                 "type": "partial",
                 "text": " ".join(t for t in (committed, tentative) if t),
                 "committed": committed,
                 "tentative": tentative,
-            }
+            },
         )
+
+    async def _send_partial(self, utterance: Utterance, message: dict[str, Any] | None) -> None:
+        message = message or {"type": "partial", "text": "", "committed": "", "tentative": ""}
+        utterance.last_partial = message
+        await self._send(message)
+
+    # -- speech activity and the speculative final -------------------------------------------
+
+    async def _watch_speech(self) -> None:
+        while True:
+            await self._audio_to_score.wait()
+            self._audio_to_score.clear()
+            utterance = self.utterance
+            await self._score_speech(utterance)
+            self._maybe_speculate(utterance)
+
+    async def _score_speech(self, utterance: Utterance) -> None:
+        """Score the audio that arrived since the last call (in a worker thread; a few ms a second)."""
+        async with self._scoring:
+            speech, audio = utterance.speech, utterance.audio
+            if speech.scored_until < audio.start:
+                # Trimmed before it was scored (only a session whose final keeps the tail trims):
+                # count it as speech, the safe side, and score on from where the audio is kept.
+                speech.add(np.ones(-(-audio.start // VAD_FRAME) - speech.frames, dtype=np.float32))
+                speech.vad_state = VadState()
+            frames = audio.end // VAD_FRAME
+            if frames <= speech.frames:
+                return
+            samples = audio.since(speech.scored_until)[: (frames - speech.frames) * VAD_FRAME]
+            probabilities, speech.vad_state = await asyncio.to_thread(speech_probabilities, samples, speech.vad_state)
+            speech.add(probabilities)
+
+    def _maybe_speculate(self, utterance: Utterance) -> None:
+        speech = utterance.speech
+        if (
+            self._finalizing
+            or utterance is not self.utterance
+            or not self._final_decodes_whole(utterance)
+            or utterance.seconds > self.FULL_FINAL_SECONDS
+            or not speech.heard()
+            or speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE
+        ):
+            return
+        earlier = utterance.speculation
+        if earlier is not None and speech.silent_since(earlier.end):
+            return  # this pause already has one
+        if self.engine.load() > self.SPECULATE_MAX_LOAD:
+            return
+        end = speech.scored_until
+        job = self.engine.submit(
+            utterance.audio.since(0)[:end],
+            self._final_options(),
+            priority=PRIORITY_SPECULATIVE,
+            # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead.
+            is_stale=lambda: (
+                self._closed or self._finalizing or self.utterance is not utterance or not speech.silent_since(end)
+            ),
+        )
+        utterance.speculation = Speculation(end, job)
+
+    async def _speculated(self, utterance: Utterance) -> Transcript | None:
+        """The speculative final, if it is running or done and nothing was said after it."""
+        speculation = utterance.speculation
+        if speculation is None or not speculation.job.started:
+            return None
+        await self._score_speech(utterance)
+        # Less than a frame (32 ms) may be left unscored at the end: too short to hold a word.
+        if not utterance.speech.silent_since(speculation.end):
+            return None
+        transcript = await speculation.job.future
+        if transcript is not None:
+            self.engine.stats["speculative_finals"] += 1
+        return transcript
 
     async def _finalize(self) -> None:
         """Decode what the user said and send the final; the socket is then ready for the next utterance."""
@@ -967,6 +1173,15 @@ class Session:
             self._odd_byte = b""
             self._finalizing = False
 
+    def _final_options(self) -> DecodeOptions:
+        return DecodeOptions(
+            self.config.language,
+            self.config.task,
+            self.config.beam_size,
+            temperatures=(0.0, 0.2, 0.4, 0.6),
+            offline=True,
+        )
+
     def _final_decodes_whole(self, utterance: Utterance) -> bool:
         mode = self.settings.final_mode
         return mode == "full" or (mode == "auto" and utterance.seconds <= self.FULL_FINAL_SECONDS)
@@ -975,14 +1190,11 @@ class Session:
         if utterance.audio.end == 0:
             return "", self.config.language
         if self._final_decodes_whole(utterance):
-            options = DecodeOptions(
-                self.config.language,
-                self.config.task,
-                self.config.beam_size,
-                temperatures=(0.0, 0.2, 0.4, 0.6),
-                offline=True,
-            )
-            transcript = await self.engine.transcribe(utterance.audio.since(0), options, priority=PRIORITY_FINAL)
+            transcript = await self._speculated(utterance)
+            if transcript is None:
+                transcript = await self.engine.transcribe(
+                    utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL
+                )
             assert transcript is not None  # finals are never stale
             words = transcript.words
             loop = repetition_start(words)

@@ -187,3 +187,18 @@ def test_audio_buffer_keeps_chunks_and_trims_whole_ones_from_the_front():
     assert buffer.start == 200  # the chunk holding sample 250 stays
     tail = buffer.since(250)
     assert tail.size == 150 and tail[0] == pytest.approx(2000 / 32768)
+
+
+def test_speech_activity_tracks_the_last_speech_frame():
+    from main import VAD_FRAME, SpeechActivity
+
+    speech = SpeechActivity(threshold=0.5)
+    assert not speech.heard() and speech.trailing_silence() == 0.0
+    speech.add(np.array([0.1, 0.2], dtype=np.float32))
+    assert not speech.heard() and speech.silent_since(0)
+    speech.add(np.array([0.9, 0.6, 0.3, 0.1, 0.2], dtype=np.float32))  # speech in frames 2 and 3
+    assert speech.heard() and speech.scored_until == 7 * VAD_FRAME
+    assert speech.trailing_silence() == pytest.approx(3 * VAD_FRAME / 16000)
+    assert speech.silent_since(4 * VAD_FRAME) and not speech.silent_since(4 * VAD_FRAME - 1)
+    speech.add(np.array([0.5], dtype=np.float32))  # the threshold itself counts as speech
+    assert speech.trailing_silence() == 0.0 and not speech.silent_since(7 * VAD_FRAME)

@@ -139,6 +139,101 @@ def test_several_clients_at_once(server):
         assert wer(manifest()[name]["text"], result.final["text"]) <= OFFLINE_WER[name] + WER_MARGIN, result.final
 
 
+def silence(seconds: float) -> bytes:
+    return bytes(2 * int(seconds * 16000))
+
+
+class Speaker:
+    """A client that streams like a push-to-talk app: speech, then silence in real time until the
+    key is let go, collecting every message it gets."""
+
+    def __init__(self, ws, server) -> None:
+        self.ws, self.server, self.sent, self.messages = ws, server, 0, []
+        self._receiver = asyncio.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        while True:
+            self.messages.append(json.loads(await self.ws.recv()))
+            if self.messages[-1]["type"] == "final":
+                return
+
+    async def send(self, pcm: bytes) -> None:
+        await self.ws.send(pcm)
+        self.sent += len(pcm)
+
+    async def hold_until(self, counter: str, above: int, timeout: float = 90.0) -> None:
+        """Stream silence, 100 ms a frame in real time, until /health's inference[counter] > above."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (await asyncio.to_thread(health, self.server))["inference"][counter] <= above:
+            assert loop.time() < deadline, f"{counter} stayed at {above} through {timeout} s of silence"
+            await self.send(silence(0.1))
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> dict:
+        await self.ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(self._receiver, 120)
+        return self.messages[-1]
+
+
+def counters(server) -> dict:
+    return health(server)["inference"]
+
+
+def test_a_pause_before_the_stop_has_the_final_ready(server):
+    """The final's decode starts in the pause before the stop; speech after the pause voids it."""
+
+    async def scenario():
+        async with websockets.connect(server.ws_url) as ws:
+            speaker = Speaker(ws, server)
+            await speaker.send(read_pcm(SHORT))
+            await speaker.hold_until("speculative_runs", counters(server)["speculative_runs"])
+            return await speaker.stop()
+
+    before = counters(server)
+    final = run(scenario())
+    after = counters(server)
+    assert after["speculative_finals"] == before["speculative_finals"] + 1, (before, after)
+    assert wer(manifest()[SHORT]["text"], final["text"]) <= WER_BOUND, final
+
+    async def resumed():
+        async with websockets.connect(server.ws_url) as ws:
+            speaker = Speaker(ws, server)
+            await speaker.send(read_pcm(SHORT))
+            await speaker.hold_until("speculative_runs", counters(server)["speculative_runs"])
+            await speaker.send(read_pcm(SPEECH))  # the speaker goes on after the pause
+            return await speaker.stop(), speaker.sent
+
+    final, sent = run(resumed())
+    assert counters(server)["speculative_finals"] == after["speculative_finals"], "a voided decode was used"
+    both = manifest()[SHORT]["text"] + " " + manifest()[SPEECH]["text"]
+    assert wer(both, final["text"]) <= WER_BOUND, final
+    assert final["duration_s"] == pytest.approx(sent / 32000, abs=0.001)
+
+
+def test_silence_brings_partials_without_decodes(server):
+    """Once a decode has come after the speaker stopped, more silence resends the partial undecoded."""
+
+    async def scenario():
+        async with websockets.connect(server.ws_url) as ws:
+            speaker = Speaker(ws, server)
+            pcm = read_pcm(SHORT)
+            for start in range(0, len(pcm), 8000):  # 0.25 s frames in real time
+                await speaker.send(pcm[start : start + 8000])
+                await asyncio.sleep(0.25)
+            await speaker.hold_until("decodes_skipped", counters(server)["decodes_skipped"])
+            first_skip, partials = counters(server), len(speaker.messages)
+            await speaker.hold_until("decodes_skipped", first_skip["decodes_skipped"] + 3)
+            return first_skip, counters(server), speaker.messages[partials:], await speaker.stop()
+
+    first_skip, later, partials, final = run(scenario())
+    partial_decodes = [c["decodes"] - c["speculative_runs"] for c in (first_skip, later)]
+    assert partial_decodes[0] == partial_decodes[1], "silence was decoded again"
+    assert len(partials) >= 3 and len({p["text"] for p in partials}) == 1, partials
+    assert partials[0]["text"] != ""
+    assert wer(manifest()[SHORT]["text"], final["text"]) <= WER_BOUND, final
+
+
 def test_utterance_longer_than_30_seconds(server):
     pcm = read_pcm(LONG)
     result = run(one_utterance(server.ws_url, LONG, realtime=8.0, frame_bytes=16000))
