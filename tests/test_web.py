@@ -58,9 +58,11 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     page.click("#talk")
     started = time.monotonic()
     assert page.get_attribute("#talk", "aria-pressed") == "true"
-    page.wait_for_function("document.getElementById('committed').textContent.length > 0", timeout=8_000)
+    page.wait_for_function("document.getElementById('level').value > 0.4", timeout=10_000)  # the meter shows speech
+    # Committed words need two decodes that agree: about 2 s here, far longer on a starved CI machine,
+    # where the key stays down through the silence after the recording (speed is the benchmark's job).
+    page.wait_for_function("document.getElementById('committed').textContent.length > 0", timeout=90_000)
     seen_while_speaking = page.inner_text("#live")
-    page.wait_for_function("document.getElementById('level').value > 0.4", timeout=3_000)  # the meter shows speech
     # The screenshot for people: best while both committed and tentative words are on screen.
     try:
         page.wait_for_function("document.getElementById('tentative').textContent.length > 0", timeout=4_000)
@@ -72,7 +74,7 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     page.wait_for_timeout(max(0, 12_500 - (time.monotonic() - started) * 1000))
     page.click("#talk")
 
-    page.wait_for_selector("#history li", timeout=20_000)
+    page.wait_for_selector("#history li", timeout=120_000)
     final = page.inner_text("#history li .final")
     latency = page.inner_text("#history li .latency")
     assert seen_while_speaking.strip(), "partials must show while the user speaks"
@@ -151,7 +153,7 @@ def test_space_bar_is_push_to_talk(server, browser):
     page.wait_for_function("document.getElementById('talk').getAttribute('aria-pressed') === 'true'")
     page.wait_for_timeout(3_000)
     page.keyboard.up("Space")
-    page.wait_for_selector("#history li", timeout=20_000)
+    page.wait_for_selector("#history li", timeout=120_000)
     assert page.get_attribute("#talk", "aria-pressed") == "false"
     assert page.inner_text("#history li .final").strip()
 
