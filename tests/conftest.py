@@ -88,7 +88,7 @@ def start_server(
         )
     server = Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws", log, process)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # loading and warming up took over 120 s on a starved machine
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
@@ -99,7 +99,7 @@ def start_server(
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in 120 s:\n{server.log_text()}")
+                raise RuntimeError(f"server not ready in 300 s:\n{server.log_text()}")
             time.sleep(0.2)
         yield server
     finally:
