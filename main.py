@@ -854,7 +854,6 @@ class Utterance:
     speech: SpeechActivity = field(default_factory=SpeechActivity)
     decoded_until: int = 0  # samples covered by the last partial decode
     settled: bool = False  # the last partial decode came after the speaker had stopped
-    last_partial: dict[str, Any] | None = None
     speculation: Speculation | None = None
     language: str | None = None  # detected once, then reused so each decode need not detect again
 
@@ -1051,7 +1050,7 @@ class Session:
             # cannot change, so the partial is sent again without a decode.
             utterance.decoded_until = audio_end
             self.engine.stats["decodes_skipped"] += 1
-            await self._send_partial(utterance, utterance.last_partial)
+            await self._send_partial(utterance.policy)
             return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
         transcript = await self.engine.transcribe(
@@ -1070,21 +1069,19 @@ class Session:
         policy.update(_shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE)
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
+        await self._send_partial(policy)
+
+    async def _send_partial(self, policy: LocalAgreement) -> None:
+        """The policy's text as it stands; it changes only with a decode, so a skipped one resends it."""
         committed, tentative = join_words(policy.committed), join_words(policy.shown_tentative())
-        await self._send_partial(
-            utterance,
+        await self._send(
             {
                 "type": "partial",
                 "text": " ".join(t for t in (committed, tentative) if t),
                 "committed": committed,
                 "tentative": tentative,
-            },
+            }
         )
-
-    async def _send_partial(self, utterance: Utterance, message: dict[str, Any] | None) -> None:
-        message = message or {"type": "partial", "text": "", "committed": "", "tentative": ""}
-        utterance.last_partial = message
-        await self._send(message)
 
     # -- speech activity and the speculative final -------------------------------------------
 
