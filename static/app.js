@@ -166,6 +166,7 @@ async function start() {
   showError("");
   $("committed").textContent = "";
   $("tentative").textContent = "";
+  $("recorded").textContent = "0.0 s";
   try {
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -173,7 +174,7 @@ async function start() {
     const context = new AudioContext();
     await context.audioWorklet.addModule("/static/pcm-worklet.js");
     const node = new AudioWorkletNode(context, "pcm-worklet");
-    const capture = { stream, context, node, stopped: false };
+    const capture = { stream, context, node, stopped: false, samples: 0 };
     node.port.onmessage = (event) => onWorklet(event.data, capture);
     // A silent sink keeps the graph pulling samples without playing the microphone back.
     const mute = context.createGain();
@@ -204,7 +205,12 @@ function onWorklet(message, capture) {
     return;
   }
   if (capture.stopped && !message.last) return;
-  if (state.ws && state.ws.readyState === WebSocket.OPEN && message.data.byteLength) state.ws.send(message.data);
+  if (state.ws && state.ws.readyState === WebSocket.OPEN && message.data.byteLength) {
+    state.ws.send(message.data);
+    // What the server has been sent, in seconds of 16 kHz int16: it shows a stalled microphone.
+    capture.samples += message.data.byteLength / 2;
+    $("recorded").textContent = `${(capture.samples / 16000).toFixed(1)} s`;
+  }
   if (message.last) sendStop(capture);
 }
 

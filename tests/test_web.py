@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import time
+import wave
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,11 @@ def launch(playwright, wav: Path):
     )
 
 
+def wave_seconds(path: Path) -> float:
+    with wave.open(str(path)) as wav:
+        return wav.getnframes() / wav.getframerate()
+
+
 @pytest.fixture
 def browser():
     manifest()  # skips when the eval set is missing
@@ -45,6 +51,19 @@ def browser():
         chromium = launch(playwright, EVAL_DIR / SPEECH)
         yield chromium
         chromium.close()
+
+
+def recorded_seconds(page) -> float:
+    return float(page.inner_text("#recorded").split()[0])
+
+
+def microphone_pace(page, span: float = 1.5) -> float:
+    """Seconds of audio the page sends per second of wall clock: 1.0 where Chromium keeps up."""
+    began, at = time.monotonic(), recorded_seconds(page)
+    page.wait_for_function(
+        f"Number.parseFloat(document.getElementById('recorded').textContent) >= {at + span}", timeout=120_000
+    )
+    return (recorded_seconds(page) - at) / (time.monotonic() - began)
 
 
 def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, tmp_path):
@@ -56,11 +75,17 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     assert not page.is_visible("#key-form"), "no key is asked for when the server needs none"
 
     page.click("#talk")
-    started = time.monotonic()
     assert page.get_attribute("#talk", "aria-pressed") == "true"
+    # On a starved machine Chromium's own audio thread falls behind: its fake microphone then runs at
+    # a tenth of real time and drops pieces of the file before the page sees them (measured on a
+    # 2-core VM: 13 s of audio took 183 s to arrive, and tiny.en heard "No other circumstance is
+    # what..." in it). No server can transcribe what never reached it, and no check below would mean
+    # anything there.
+    pace = microphone_pace(page)
+    if pace < 0.5:
+        pytest.skip(f"Chromium's microphone runs at {pace:.2f}x real time on this machine and loses audio")
     page.wait_for_function("document.getElementById('level').value > 0.4", timeout=10_000)  # the meter shows speech
-    # Committed words need two decodes that agree: about 2 s here, far longer on a starved CI machine,
-    # where the key stays down through the silence after the recording (speed is the benchmark's job).
+    # Committed words need two decodes that agree: about 2 s here, far longer on a starved machine.
     page.wait_for_function("document.getElementById('committed').textContent.length > 0", timeout=90_000)
     seen_while_speaking = page.inner_text("#live")
     # The screenshot for people: best while both committed and tentative words are on screen.
@@ -71,18 +96,25 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-mid-utterance.png"), full_page=True)
     shutil.copy(ARTIFACTS / "web-mid-utterance.png", tmp_path / "web-mid-utterance.png")
-    page.wait_for_timeout(max(0, 12_500 - (time.monotonic() - started) * 1000))
+    seconds = wave_seconds(EVAL_DIR / SPEECH)
+    # Release once the page has sent the whole file and a little silence.
+    page.wait_for_function(
+        f"Number.parseFloat(document.getElementById('recorded').textContent) >= {seconds + 0.5}", timeout=60_000
+    )
+    sent = recorded_seconds(page)
     page.click("#talk")
 
     page.wait_for_selector("#history li", timeout=120_000)
     final = page.inner_text("#history li .final")
     latency = page.inner_text("#history li .latency")
     assert seen_while_speaking.strip(), "partials must show while the user speaks"
-    assert wer(manifest()[SPEECH]["text"], final) <= 0.15, final  # tiny.en on this clean file: about 0.03
     assert re.fullmatch(r"final in \d+ ms", latency)
-    assert re.fullmatch(r"\d+\.\d s of audio(, en)?", page.inner_text("#history li .duration"))
+    duration = page.inner_text("#history li .duration")
+    assert re.fullmatch(r"\d+\.\d s of audio(, en)?", duration)
+    assert float(duration.split()[0]) >= sent - 0.05, "the final covers all that the page sent"
     assert page.inner_text("#live").strip() == "", "the final replaces the live text"
     assert page.inner_text("#error") == ""
+    assert wer(manifest()[SPEECH]["text"], final) <= 0.15, final  # tiny.en on this clean file: about 0.03
     page.screenshot(path=str(ARTIFACTS / "web-final.png"), full_page=True)
 
 
