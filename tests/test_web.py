@@ -59,10 +59,10 @@ def recorded_seconds(page) -> float:
 
 def microphone_pace(page, span: float = 1.5) -> float:
     """Seconds of audio the page sends per second of wall clock: 1.0 where Chromium keeps up."""
+    sent = "Number.parseFloat(document.getElementById('recorded').textContent)"
+    page.wait_for_function(f"{sent} > 0", timeout=120_000)  # timed from the first frame, not the mic's opening
     began, at = time.monotonic(), recorded_seconds(page)
-    page.wait_for_function(
-        f"Number.parseFloat(document.getElementById('recorded').textContent) >= {at + span}", timeout=120_000
-    )
+    page.wait_for_function(f"{sent} >= {at + span}", timeout=120_000)
     return (recorded_seconds(page) - at) / (time.monotonic() - began)
 
 
