@@ -481,10 +481,11 @@ def main() -> None:
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
     table = markdown(result)
     (args.out / f"{tag}.md").write_text(table)
-    if levels and importlib.util.find_spec("matplotlib") is None:
-        logger.warning("no plot of the sweep: matplotlib is not installed (pip install matplotlib)")
-    elif levels:
-        plot(levels, args.out / f"{tag}.png", partial_every, args.model)
+    if levels:
+        if importlib.util.find_spec("matplotlib") is None:
+            logger.warning("no plot of the sweep: matplotlib is not installed (pip install matplotlib)")
+        else:
+            plot(levels, args.out / f"{tag}.png", partial_every, args.model)
     print(table)
 
 

@@ -6,14 +6,14 @@ import math
 import re
 import shutil
 import time
-import wave
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, EVAL_DIR, free_port, manifest, start_server, wer
+from conftest import ARTIFACTS, EVAL_DIR, free_port, manifest, read_pcm, start_server, wer
 
 CHROMIUM = Path("/usr/bin/chromium")
 SPEECH = "en_librispeech_dev-clean_2412-153948-0000.wav"  # 11.7 s
+SENT = "Number.parseFloat(document.getElementById('recorded').textContent)"  # seconds the page has sent
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (requirements-test.txt)")
@@ -39,11 +39,6 @@ def launch(playwright, wav: Path):
     )
 
 
-def wave_seconds(path: Path) -> float:
-    with wave.open(str(path)) as wav:
-        return wav.getnframes() / wav.getframerate()
-
-
 @pytest.fixture
 def browser():
     manifest()  # skips when the eval set is missing
@@ -59,10 +54,9 @@ def recorded_seconds(page) -> float:
 
 def microphone_pace(page, span: float = 1.5) -> float:
     """Seconds of audio the page sends per second of wall clock: 1.0 where Chromium keeps up."""
-    sent = "Number.parseFloat(document.getElementById('recorded').textContent)"
-    page.wait_for_function(f"{sent} > 0", timeout=120_000)  # timed from the first frame, not the mic's opening
+    page.wait_for_function(f"{SENT} > 0", timeout=120_000)  # timed from the first frame, not the mic's opening
     began, at = time.monotonic(), recorded_seconds(page)
-    page.wait_for_function(f"{sent} >= {at + span}", timeout=120_000)
+    page.wait_for_function(f"{SENT} >= {at + span}", timeout=120_000)
     return (recorded_seconds(page) - at) / (time.monotonic() - began)
 
 
@@ -96,11 +90,8 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-mid-utterance.png"), full_page=True)
     shutil.copy(ARTIFACTS / "web-mid-utterance.png", tmp_path / "web-mid-utterance.png")
-    seconds = wave_seconds(EVAL_DIR / SPEECH)
     # Release once the page has sent the whole file and a little silence.
-    page.wait_for_function(
-        f"Number.parseFloat(document.getElementById('recorded').textContent) >= {seconds + 0.5}", timeout=60_000
-    )
+    page.wait_for_function(f"{SENT} >= {len(read_pcm(SPEECH)) / 32000 + 0.5}", timeout=60_000)
     sent = recorded_seconds(page)
     page.click("#talk")
 
@@ -108,13 +99,13 @@ def test_speaking_into_the_page_shows_partials_then_the_final(server, browser, t
     final = page.inner_text("#history li .final")
     latency = page.inner_text("#history li .latency")
     assert seen_while_speaking.strip(), "partials must show while the user speaks"
+    assert wer(manifest()[SPEECH]["text"], final) <= 0.15, final  # tiny.en on this clean file: about 0.03
     assert re.fullmatch(r"final in \d+ ms", latency)
     duration = page.inner_text("#history li .duration")
     assert re.fullmatch(r"\d+\.\d s of audio(, en)?", duration)
     assert float(duration.split()[0]) >= sent - 0.05, "the final covers all that the page sent"
     assert page.inner_text("#live").strip() == "", "the final replaces the live text"
     assert page.inner_text("#error") == ""
-    assert wer(manifest()[SPEECH]["text"], final) <= 0.15, final  # tiny.en on this clean file: about 0.03
     page.screenshot(path=str(ARTIFACTS / "web-final.png"), full_page=True)
 
 
