@@ -67,6 +67,7 @@ class Settings:
     partial_every_ms: int = 500
     window_seconds: float = 6.0
     cpu_threads: int = os.cpu_count() or 1
+    inference_workers: int | None = None  # None: 2 on a CPU with 2 or more threads, else 1
     max_sessions: int = 16
     max_utterance_seconds: float = 600.0
     final_mode: str = "full"
@@ -86,6 +87,9 @@ class Settings:
             partial_every_ms=int(_number(env, "PARTIAL_EVERY_MS", defaults.partial_every_ms, 50, 10_000, int)),
             window_seconds=_number(env, "WINDOW_SECONDS", defaults.window_seconds, 1.0, 30.0, float),
             cpu_threads=int(_number(env, "CPU_THREADS", defaults.cpu_threads, 1, 256, int)),
+            inference_workers=(
+                int(_number(env, "INFERENCE_WORKERS", 1, 1, 64, int)) if env.get("INFERENCE_WORKERS", "").strip() else None
+            ),
             max_sessions=int(_number(env, "MAX_SESSIONS", defaults.max_sessions, 1, 10_000, int)),
             max_utterance_seconds=_number(
                 env, "MAX_UTTERANCE_SECONDS", defaults.max_utterance_seconds, 1.0, 7200.0, float
@@ -224,6 +228,7 @@ PRIORITY_FINAL = 0
 PRIORITY_PARTIAL = 1
 PRIORITY_SPECULATIVE = 2  # a final decoded ahead of the stop, with time nobody else wants
 LOAD_WINDOW_SECONDS = 3.0
+SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.01
 
 
@@ -235,21 +240,25 @@ class Job:
     options: DecodeOptions = field(compare=False)
     is_stale: Callable[[], bool] = field(compare=False)
     future: asyncio.Future[Transcript | None] = field(compare=False)
+    requester: object = field(default=None, compare=False)  # the session that asked
     started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
 
 
 class Engine:
-    """The shared model and a single inference worker that takes finals before partials.
+    """The shared model and its inference workers, which take finals before partials.
 
-    One worker is deliberate: CTranslate2 already spreads one decode over all CPU threads, so two
-    decodes at once only fight for the same cores. Instead, the partials that are due from all
-    sessions run as one batch. A job whose requester no longer wants it (a partial overtaken by the
-    final, a client that left) is dropped when its turn comes, not run.
+    The partials that are due from all sessions run as one batch. On CPU two workers, each with
+    half the threads, run two model calls side by side: Whisper's decoder steps are too small to
+    spread over threads (a batch of 8 partials' generate took 133 ms on one thread, 228 ms on
+    two; tiny.en, 2 cores), so two batches of 8 took 592 ms side by side against 1115 ms one after
+    the other on two threads, and a final need not wait for a partial batch. A job whose
+    requester no longer wants it (a partial overtaken by the final, a client that left) is dropped
+    when its turn comes, not run.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model, self.device = _load_model(settings)
+        self.model, self.device, self.workers = _load_model(settings)
         self.languages: tuple[str, ...] = tuple(self.model.supported_languages)
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
@@ -263,11 +272,13 @@ class Engine:
             "speculative_runs": 0,  # finals decoded during a pause, ahead of the stop
             "speculative_finals": 0,  # ... of which the stop used
         }
-        self._queue: asyncio.PriorityQueue[Job] = asyncio.PriorityQueue()
+        self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
+        self._queued = asyncio.Event()
         self._seq = itertools.count()
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
-        self._busy_since: float | None = None
+        self._running: dict[object, float] = {}  # model calls under way -> when they started
+        self._partial_asked: dict[object, float] = {}  # requester -> when it last asked for a partial
 
     def warm_up(self) -> None:
         """Run one real decode so the first user does not pay for lazy initialisation."""
@@ -275,12 +286,17 @@ class Engine:
         self._decode(noise, DecodeOptions(language="en"), vad=False)
 
     async def start(self) -> None:
-        self._worker = asyncio.create_task(self._serve(), name="inference-worker")
+        # With two or more workers the last one takes no partials, so that a final never waits for
+        # a partial batch to end, and partials batch as fully as they can on the others.
+        self._workers = [
+            asyncio.create_task(self._work(finals_only=0 < index == self.workers - 1), name=f"inference-worker-{index}")
+            for index in range(self.workers)
+        ]
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def transcribe(
         self,
@@ -289,65 +305,101 @@ class Engine:
         *,
         priority: int,
         is_stale: Callable[[], bool] = lambda: False,
+        requester: object = None,
     ) -> Transcript | None:
         """Queue a decode; None when the job went stale before its turn."""
-        return await self.submit(audio, options, priority=priority, is_stale=is_stale).future
+        return await self.submit(audio, options, priority=priority, is_stale=is_stale, requester=requester).future
 
     def submit(
-        self, audio: np.ndarray, options: DecodeOptions, *, priority: int, is_stale: Callable[[], bool]
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        *,
+        priority: int,
+        is_stale: Callable[[], bool],
+        requester: object = None,
     ) -> Job:
         """Queue a decode and return at once; its future gives the transcript, or None if it went stale."""
-        future: asyncio.Future[Transcript | None] = asyncio.get_running_loop().create_future()
-        job = Job(priority, next(self._seq), audio, options, is_stale, future)
-        self._queue.put_nowait(job)
+        loop = asyncio.get_running_loop()
+        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester)
+        if priority == PRIORITY_PARTIAL:
+            self._partial_asked[requester] = loop.time()
+        self._queue.append(job)
+        self._queued.set()
         return job
 
+    def has_time_for(self, requester: object) -> bool:
+        """Whether a speculative decode for ``requester`` would take time nobody else wants: the
+        model mostly idle, and no other session streaming (one whole-utterance decode would hold up
+        every other speaker's partials; at 8 streams 12 of 15 such runs went unused)."""
+        since = asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS
+        for other, asked in list(self._partial_asked.items()):
+            if asked < since:
+                del self._partial_asked[other]
+            elif other is not requester:
+                return False
+        return self.load() <= SPECULATE_MAX_LOAD
+
     def load(self) -> float:
-        """The share of the last few seconds the model was busy: speculation only uses spare time."""
+        """The share of the workers' last few seconds spent on model calls: speculation only uses spare time."""
         now = asyncio.get_running_loop().time()
         since = now - LOAD_WINDOW_SECONDS
         while self._busy and self._busy[0][1] < since:
             self._busy.popleft()
         busy = sum(end - max(start, since) for start, end in self._busy)
-        if self._busy_since is not None:
-            busy += now - max(self._busy_since, since)
-        return busy / LOAD_WINDOW_SECONDS
+        busy += sum(now - max(start, since) for start in self._running.values())
+        return busy / (LOAD_WINDOW_SECONDS * self.workers)
 
-    async def _serve(self) -> None:
+    async def _work(self, *, finals_only: bool) -> None:
+        """One worker: takes the next job (partials in batches) and runs it, until cancelled."""
+        final_ran = False
         while True:
-            batch = self._live([await self._queue.get()])
-            if not batch:
+            first = self._take_next(finals_only=finals_only, final_ran=final_ran)
+            if first is None:
+                self._queued.clear()
+                await self._queued.wait()
                 continue
-            if _batchable(batch[0]):
+            batch = self._live([first])
+            if batch and _batchable(batch[0]):
                 # The sessions that shared the last batch come back within a few ms of each other.
                 await asyncio.sleep(BATCH_GATHER_SECONDS)
                 batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
-            self.stats["decodes"] += len(batch)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-            for job in batch:
-                job.started = True
-                self.stats["speculative_runs"] += job.priority == PRIORITY_SPECULATIVE
-            loop = asyncio.get_running_loop()
-            self._busy_since = loop.time()
-            try:
-                if _batchable(batch[0]):
-                    results = await asyncio.to_thread(
-                        self._decode_batch, [j.audio for j in batch], [j.options for j in batch]
-                    )
-                else:
-                    results = [await asyncio.to_thread(self._decode, batch[0].audio, batch[0].options)]
-            except Exception as exc:  # handed to the sessions that asked, which report it
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            if batch:
+                final_ran = batch[0].priority == PRIORITY_FINAL
+                await self._run(batch)
+
+    def _take_next(self, *, finals_only: bool, final_ran: bool) -> Job | None:
+        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran)
+        if job is not None:
+            self._queue.remove(job)
+        return job
+
+    async def _run(self, batch: list[Job]) -> None:
+        self.stats["decodes"] += len(batch)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        for job in batch:
+            job.started = True
+            self.stats["speculative_runs"] += job.priority == PRIORITY_SPECULATIVE
+        loop = asyncio.get_running_loop()
+        token = object()
+        self._running[token] = start = loop.time()
+        try:
+            if _batchable(batch[0]):
+                results = await asyncio.to_thread(self._decode_batch, [j.audio for j in batch], [j.options for j in batch])
             else:
-                for job, result in zip(batch, results):
-                    if not job.future.done():
-                        job.future.set_result(result)
-            finally:
-                self._busy.append((self._busy_since, loop.time()))
-                self._busy_since = None
+                results = [await asyncio.to_thread(self._decode, batch[0].audio, batch[0].options)]
+        except Exception as exc:  # handed to the sessions that asked, which report it
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            for job, result in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            del self._running[token]
+            self._busy.append((start, loop.time()))
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs still wanted; the others are answered None without running."""
@@ -355,7 +407,7 @@ class Engine:
         for job in jobs:
             if job.future.done():
                 continue
-            if job.is_stale():
+            if job.is_stale() or job.priority == PRIORITY_SPECULATIVE and not self.has_time_for(job.requester):
                 self.stats["stale_dropped"] += 1
                 job.future.set_result(None)
             else:
@@ -363,14 +415,11 @@ class Engine:
         return live
 
     def _take_compatible(self, first: Job, limit: int) -> list[Job]:
-        """Queued partials that can share ``first``'s batch; the rest go back in their order."""
-        taken, kept = [], []
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            same = _batchable(job) and _batch_key(job.options) == _batch_key(first.options)
-            (taken if same and len(taken) < limit else kept).append(job)
-        for job in kept:
-            self._queue.put_nowait(job)
+        """Queued partials, oldest first, that can share ``first``'s batch."""
+        taken = sorted(job for job in self._queue if _batchable(job) and _batch_key(job.options) == _batch_key(first.options))
+        taken = taken[:limit]
+        for job in taken:
+            self._queue.remove(job)
         return taken
 
     def _decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
@@ -414,15 +463,20 @@ class Engine:
         options = each[0]  # language, task, beam size and encoder span are the same for all
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=options.task, language=options.language)
         results = [Transcript((), options.language) for _ in audios]
-        groups: dict[int, list[_Voiced]] = {}
+        rows = []
         for index, (audio, item) in enumerate(zip(audios, each)):
             chunks = get_speech_timestamps(audio, VAD_OPTIONS)
-            if not chunks:
-                continue  # silence: nothing to decode
-            previous = tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
-            # CTranslate2 wants the start-of-transcript token at one position in the whole batch,
-            # so prompts are cut to a few lengths (the latest tokens kept) and batched per length.
-            keep = max(n for n in PROMPT_BUCKETS if n <= len(previous))
+            if chunks:  # else silence: nothing to decode
+                previous = tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
+                rows.append((index, audio, item, chunks, previous))
+        # CTranslate2 wants the start-of-transcript token at one position in the whole batch, so
+        # prompts are cut to a few lengths (the latest tokens kept) and batched per length. A busy
+        # batch cuts them all to its shortest, for one generate: two groups of 4 took 386 ms
+        # against 236 ms for one of 8 (tiny.en, 2 cores).
+        common = min((len(r[4]) for r in rows), default=0) if len(audios) > 2 else MAX_TOKENS
+        groups: dict[int, list[_Voiced]] = {}
+        for index, audio, item, chunks, previous in rows:
+            keep = max(n for n in PROMPT_BUCKETS if n <= min(len(previous), common))
             voiced = _Voiced(
                 index,
                 np.concatenate([audio[c["start"] : c["end"]] for c in chunks]),
@@ -548,6 +602,22 @@ def speech_probabilities(audio: np.ndarray, state: VadState) -> tuple[np.ndarray
 PROMPT_BUCKETS = (0, 8, 16, 32, 48)
 
 
+def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool) -> Job | None:
+    """The job a worker takes next: finals, then partials, then speculation, oldest first.
+
+    A worker that just ran a final takes a waiting partial before the next final: a burst of finals
+    would stall every other speaker's partials, and one batch delays a final little. A finals-only
+    worker takes no partials.
+    """
+    jobs = [job for job in queue if not (finals_only and job.priority == PRIORITY_PARTIAL)]
+    if not jobs:
+        return None
+    job = min(jobs)
+    if job.priority == PRIORITY_FINAL and final_ran:
+        job = min((j for j in jobs if j.priority == PRIORITY_PARTIAL), default=job)
+    return job
+
+
 def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
     return (options.language, options.task, options.beam_size, options.encoder)
 
@@ -557,7 +627,8 @@ def _batchable(job: Job) -> bool:
     return job.priority == PRIORITY_PARTIAL and job.options.language is not None
 
 
-def _load_model(settings: Settings) -> tuple[Any, str]:
+def _load_model(settings: Settings) -> tuple[Any, str, int]:
+    """The model, the device it runs on, and how many calls it runs at once."""
     model_id = settings.model_id
     hint = (
         "Set MODEL_ID to a local CTranslate2 Whisper directory (one holding model.bin, config.json and "
@@ -570,16 +641,18 @@ def _load_model(settings: Settings) -> tuple[Any, str]:
     device = settings.device
     if device == "auto":
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    workers = settings.inference_workers or (2 if device == "cpu" and settings.cpu_threads >= 2 else 1)
     try:
         model = TrimmedWhisperModel(
             str(Path(model_id).expanduser()) if looks_like_path else model_id,
             device=device,
             compute_type=settings.compute_type,
-            cpu_threads=settings.cpu_threads,
+            cpu_threads=max(1, settings.cpu_threads // workers),
+            num_workers=workers,
         )
     except Exception as exc:
         raise ModelLoadError(f"MODEL_ID={model_id!r} could not be loaded ({type(exc).__name__}: {exc}). {hint}")
-    return model, device
+    return model, device, workers
 
 
 def _is_hub_id(model_id: str) -> bool:
@@ -875,7 +948,6 @@ class Session:
     # push-to-talk user lets go a few hundred ms after the last word, and if nothing more is said
     # the final is ready, or under way, when the stop comes.
     SPECULATE_AFTER_SILENCE = 0.2
-    SPECULATE_MAX_LOAD = 0.6
     # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: on
     # ../shared/eval the committed words plus the tail lost words LocalAgreement had dropped early
     # (an opening 'And', 13-14 errors on each long-form file). FINAL_MODE=auto does so up to one
@@ -1032,7 +1104,10 @@ class Session:
             tick = max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
             await asyncio.sleep(max(0.0, tick - loop.time()))
             self._audio_arrived.clear()
-            earliest = tick + interval
+            # The next grid point, also after a late start: a session that kept the phase of its
+            # late start would meet the others' batches no more (at 8 streams 102 of 136 partial
+            # decodes ran alone that way).
+            earliest = (math.floor(tick / interval + 1e-9) + 1) * interval
             await self._partial()
 
     async def _partial(self) -> None:
@@ -1058,6 +1133,7 @@ class Session:
             self._window_options(utterance, audio.size / SAMPLE_RATE, final=False),
             priority=PRIORITY_PARTIAL,
             is_stale=lambda: self._closed or self._finalizing or self.utterance is not utterance,
+            requester=self,
         )
         if transcript is None or self._finalizing or self.utterance is not utterance:
             return  # overtaken by the final: a partial after it would be stale
@@ -1123,13 +1199,14 @@ class Session:
         earlier = utterance.speculation
         if earlier is not None and speech.silent_since(earlier.end):
             return  # this pause already has one
-        if self.engine.load() > self.SPECULATE_MAX_LOAD:
+        if not self.engine.has_time_for(self):
             return
         end = speech.scored_until
         job = self.engine.submit(
             utterance.audio.since(0)[:end],
             self._final_options(),
             priority=PRIORITY_SPECULATIVE,
+            requester=self,
             # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead.
             is_stale=lambda: (
                 self._closed or self._finalizing or self.utterance is not utterance or not speech.silent_since(end)
@@ -1296,6 +1373,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "can_translate": engine.can_translate,
                 "sessions": app.state.sessions,
                 "max_sessions": settings.max_sessions,
+                "inference_workers": engine.workers,
                 "partial_every_ms": settings.partial_every_ms,
                 "inference": engine.stats,
             }

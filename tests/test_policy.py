@@ -1,11 +1,25 @@
-"""Pure parts of main.py, tested with plain values: the streaming policy, settings, origins, audio buffer."""
+"""Pure parts of main.py, tested with plain values: the streaming policy, settings, origins, audio buffer,
+the order in which inference workers take jobs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from main import AudioBuffer, LocalAgreement, Settings, SettingsError, Word, origin_allowed, repetition_start
+from main import (
+    PRIORITY_FINAL,
+    PRIORITY_PARTIAL,
+    PRIORITY_SPECULATIVE,
+    AudioBuffer,
+    Job,
+    LocalAgreement,
+    Settings,
+    SettingsError,
+    Word,
+    next_job,
+    origin_allowed,
+    repetition_start,
+)
 
 
 def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:
@@ -202,3 +216,38 @@ def test_speech_activity_tracks_the_last_speech_frame():
     assert speech.silent_since(4 * VAD_FRAME) and not speech.silent_since(4 * VAD_FRAME - 1)
     speech.add(np.array([0.5], dtype=np.float32))  # the threshold itself counts as speech
     assert speech.trailing_silence() == 0.0 and not speech.silent_since(7 * VAD_FRAME)
+
+
+def job(priority: int, seq: int) -> Job:
+    return Job(priority, seq, np.zeros(0, dtype=np.float32), None, lambda: False, None)
+
+
+def test_workers_take_finals_then_partials_then_speculation_oldest_first():
+    speculative, partial, newer_partial, final = (
+        job(PRIORITY_SPECULATIVE, 0), job(PRIORITY_PARTIAL, 2), job(PRIORITY_PARTIAL, 3), job(PRIORITY_FINAL, 4)
+    )
+    queue = [speculative, newer_partial, final, partial]
+    assert next_job(queue, finals_only=False, final_ran=False) is final
+    assert next_job([speculative, newer_partial, partial], finals_only=False, final_ran=False) is partial
+    assert next_job([speculative], finals_only=False, final_ran=False) is speculative
+    assert next_job([], finals_only=False, final_ran=False) is None
+
+
+def test_after_a_final_a_waiting_partial_goes_before_the_next_final():
+    final, partial = job(PRIORITY_FINAL, 1), job(PRIORITY_PARTIAL, 2)
+    assert next_job([final, partial], finals_only=False, final_ran=True) is partial
+    assert next_job([final], finals_only=False, final_ran=True) is final
+
+
+def test_the_finals_worker_takes_no_partials():
+    partial, speculative, final = job(PRIORITY_PARTIAL, 1), job(PRIORITY_SPECULATIVE, 2), job(PRIORITY_FINAL, 3)
+    assert next_job([partial], finals_only=True, final_ran=False) is None
+    assert next_job([partial, speculative], finals_only=True, final_ran=False) is speculative
+    assert next_job([partial, final], finals_only=True, final_ran=True) is final
+
+
+def test_inference_workers_setting():
+    assert Settings.from_env({}).inference_workers is None  # chosen from the device and threads
+    assert Settings.from_env({"INFERENCE_WORKERS": "3"}).inference_workers == 3
+    with pytest.raises(SettingsError, match="INFERENCE_WORKERS"):
+        Settings.from_env({"INFERENCE_WORKERS": "0"})
