@@ -698,6 +698,13 @@ def repetition_start(words: Sequence[Word], max_ngram: int = 8, max_repeats: int
     return best
 
 
+def repeated_head(before: Sequence[Word], after: Sequence[Word], most: int = 5) -> int:
+    """How many of ``after``'s first words read ``before``'s last ones again (up to ``most``)."""
+    tail = [_norm(w.text) for w in before[-most:]]
+    head = [_norm(w.text) for w in after[:most]]
+    return next((n for n in range(min(len(tail), len(head)), 0, -1) if tail[-n:] == head[:n]), 0)
+
+
 class LocalAgreement:
     """LocalAgreement-2 (Macháček et al. 2023) over a sliding decode window.
 
@@ -747,12 +754,7 @@ class LocalAgreement:
             elif last and last[0].a + last[0].size == len(reread):
                 new = [*head[last[0].b + last[0].size :], *new]  # read up to the committed end
         if new and self.committed and new[0].start < self.committed_end + 1.0:
-            tail = [_norm(w.text) for w in self.committed[-5:]]
-            head_keys = [_norm(w.text) for w in new[:5]]
-            for n in range(min(len(tail), len(head_keys)), 0, -1):
-                if tail[-n:] == head_keys[:n]:
-                    new = new[n:]
-                    break
+            new = new[repeated_head(self.committed, new) :]
         cut = repetition_start(new)
         return new if cut is None else new[:cut]
 
@@ -961,6 +963,11 @@ class Session:
     # silence is padded after the last sample: 0.3-0.5 s of it raised the pooled final WER on both
     # tiny.en (0.094 -> 0.098) and base (0.122 -> 0.130), cutting short 'how to talk like this'.
     FULL_FINAL_SECONDS = 30.0
+    # Greedy Whisper sometimes ends a window's decode early and seeks past the speech after it:
+    # tiny.en on an AMD EPYC read "... not worth thinking about." and skipped the 11 s that
+    # followed in a 41.9 s utterance (offline faster-whisper with beam 1 does the same). Speech
+    # heard this long after the final's last word is decoded once more and added.
+    SKIPPED_SPEECH_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
         self.ws = ws
@@ -1276,7 +1283,7 @@ class Session:
                     utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL
                 )
             assert transcript is not None  # finals are never stale
-            words = transcript.words
+            words = [*transcript.words, *await self._skipped_speech(utterance, transcript.words)]
             loop = repetition_start(words)
             return join_words(words if loop is None else words[:loop]), transcript.language
         # Tail: the committed words stand; only the window after them is decoded again.
@@ -1288,6 +1295,21 @@ class Session:
         assert transcript is not None
         words = utterance.policy.final(_shift(transcript.words, window_start / SAMPLE_RATE))
         return join_words(words), utterance.language or transcript.language
+
+
+    async def _skipped_speech(self, utterance: Utterance, words: Sequence[Word]) -> list[Word]:
+        """The words of speech that the final's decode skipped after its last word, if any."""
+        if not words:
+            return []  # the same audio would decode the same way
+        await self._score_speech(utterance)
+        end = words[-1].end
+        if (utterance.speech.last_speech + 1) * VAD_FRAME / SAMPLE_RATE - end < self.SKIPPED_SPEECH_SECONDS:
+            return []
+        options = replace(self._final_options(), prompt=join_words(words)[-200:])
+        tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
+        assert tail is not None
+        added = _shift(tail.words, end)
+        return added[repeated_head(words, added) :]
 
 
 def _shift(words: Sequence[Word], seconds: float) -> list[Word]:
