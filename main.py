@@ -291,7 +291,7 @@ class Engine:
         self._decode(noise, DecodeOptions(language="en"), vad=False)
 
     async def start(self) -> None:
-        # With two or more workers the last one takes no partials, so that a final never waits for
+        # With two or more workers the last one takes no partials, so that a final need not wait for
         # a partial batch to end, and partials batch as fully as they can on the others.
         self._workers = [
             asyncio.create_task(self._work(finals_only=0 < index == self.workers - 1), name=f"inference-worker-{index}")
@@ -328,6 +328,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester)
         if priority == PRIORITY_PARTIAL:
+            self._streaming(since=loop.time() - LOAD_WINDOW_SECONDS)
             self._partial_asked[requester] = loop.time()
         self._queue.append(job)
         self._queued.set()
@@ -337,13 +338,15 @@ class Engine:
         """Whether a speculative decode for ``requester`` would take time nobody else wants: the
         model mostly idle, and no other session streaming (one whole-utterance decode would hold up
         every other speaker's partials; at 8 streams 12 of 15 such runs went unused)."""
-        since = asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS
-        for other, asked in list(self._partial_asked.items()):
+        streaming = self._streaming(since=asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS)
+        return not streaming - {requester} and self.load() <= SPECULATE_MAX_LOAD
+
+    def _streaming(self, *, since: float) -> set[object]:
+        """The requesters that asked for a partial since then; the others are forgotten."""
+        for requester, asked in list(self._partial_asked.items()):
             if asked < since:
-                del self._partial_asked[other]
-            elif other is not requester:
-                return False
-        return self.load() <= SPECULATE_MAX_LOAD
+                del self._partial_asked[requester]
+        return set(self._partial_asked)
 
     def load(self) -> float:
         """The share of the workers' last few seconds spent on model calls: speculation only uses spare time."""
@@ -1295,7 +1298,6 @@ class Session:
         assert transcript is not None
         words = utterance.policy.final(_shift(transcript.words, window_start / SAMPLE_RATE))
         return join_words(words), utterance.language or transcript.language
-
 
     async def _skipped_speech(self, utterance: Utterance, words: Sequence[Word]) -> list[Word]:
         """The words of speech that the final's decode skipped after its last word, if any."""
