@@ -163,10 +163,6 @@ class DecodeOptions:
     # conditioned on the text of the one before, and no word alignment. On ../shared/eval's
     # long-form file (tiny.en) dropping either raised the WER from 0.098 to 0.11-0.14; loops stay
     # bounded by the compression-ratio fallback, which resets that context, and repetition_start.
-    # An utterance that fits one window is decoded without timestamp tokens, which only serve to
-    # seek to the next window: on ../shared/eval's files up to 30 s (one thread) the WER fell from
-    # 12.2 to 11.3 % (tiny.en) and from 16.4 to 15.4 % (base), in 7-13 % less time (base on a 29 s
-    # file: 2.02 -> 1.53 s).
     offline: bool = False
 
 
@@ -180,8 +176,7 @@ class EncoderSpan:
     over those files, the last partial covered 88.0 % of the final's words with a 10 s floor and 5 s
     margin, 90.0 % with 15 s and 10 s (20 % more replay time), 89.9 % with the full 30 s (over twice
     the time).
-    Finals keep the full 30 s: even 15 s and 10 s raised base's pooled final WER from 0.122 to 0.143,
-    and 20 s and 10 s from 0.123 to 0.127 (tiny.en: 0.093 to 0.115).
+    Finals keep the full 30 s: even 15 s and 10 s raised base's pooled final WER from 0.122 to 0.143.
     """
 
     floor: int
@@ -441,7 +436,6 @@ class Engine:
             temperature=list(options.temperatures),
             max_new_tokens=options.max_new_tokens,
             word_timestamps=not options.offline,
-            without_timestamps=options.offline and audio.size <= N_FRAMES * SAMPLE_RATE // 100,
             vad_filter=vad,
             # Conditioning on the decoder's own output is what makes Whisper loop on streams; the
             # committed text goes in as a prompt instead.
