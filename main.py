@@ -963,8 +963,9 @@ class Session:
     # Greedy Whisper sometimes ends a window's decode early and seeks past the speech after it:
     # tiny.en on an AMD EPYC read "... not worth thinking about." and skipped the 11 s that
     # followed in a 41.9 s utterance (offline faster-whisper with beam 1 does the same). Speech
-    # heard this long after the final's last word is decoded once more and added.
-    SKIPPED_SPEECH_SECONDS = 1.0
+    # heard this long after the final's last word is decoded once more and added; Whisper's segment
+    # ends can be a second early, and a shorter gap would decode the last words twice.
+    SKIPPED_SPEECH_SECONDS = 3.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
         self.ws = ws
