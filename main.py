@@ -419,8 +419,8 @@ class Engine:
 
     def _take_compatible(self, first: Job, limit: int) -> list[Job]:
         """Queued partials, oldest first, that can share ``first``'s batch."""
-        taken = sorted(job for job in self._queue if _batchable(job) and _batch_key(job.options) == _batch_key(first.options))
-        taken = taken[:limit]
+        key = _batch_key(first.options)
+        taken = sorted(job for job in self._queue if _batchable(job) and _batch_key(job.options) == key)[:limit]
         for job in taken:
             self._queue.remove(job)
         return taken
@@ -466,6 +466,7 @@ class Engine:
         options = each[0]  # language, task, beam size and encoder span are the same for all
         tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=options.task, language=options.language)
         results = [Transcript((), options.language) for _ in audios]
+        busy = len(audios) > 2  # a batch this big means load: cadence comes first
         rows = []
         for index, (audio, item) in enumerate(zip(audios, each)):
             chunks = get_speech_timestamps(audio, VAD_OPTIONS)
@@ -476,7 +477,7 @@ class Engine:
         # prompts are cut to a few lengths (the latest tokens kept) and batched per length. A busy
         # batch cuts them all to its shortest, for one generate: two groups of 4 took 386 ms
         # against 236 ms for one of 8 (tiny.en, 2 cores).
-        common = min((len(r[4]) for r in rows), default=0) if len(audios) > 2 else MAX_TOKENS
+        common = min((len(previous) for *_, previous in rows), default=0) if busy else MAX_TOKENS
         groups: dict[int, list[_Voiced]] = {}
         for index, audio, item, chunks, previous in rows:
             keep = max(n for n in PROMPT_BUCKETS if n <= min(len(previous), common))
@@ -488,9 +489,7 @@ class Engine:
                 item.max_new_tokens or MAX_TOKENS // 2,
             )
             groups.setdefault(keep, []).append(voiced)
-        span = options.encoder
-        if span is not None and len(audios) > 2:
-            span = BUSY_PARTIAL_ENCODER  # a batch this big means load: cadence comes first
+        span = BUSY_PARTIAL_ENCODER if busy and options.encoder is not None else options.encoder
         for group in groups.values():
             for voiced, words in zip(group, self._decode_group(group, tokenizer, options, span)):
                 results[voiced.index] = Transcript(words, options.language)
@@ -1300,7 +1299,7 @@ class Session:
             return []  # the same audio would decode the same way
         await self._score_speech(utterance)
         end = words[-1].end
-        if (utterance.speech.last_speech + 1) * VAD_FRAME / SAMPLE_RATE - end < self.SKIPPED_SPEECH_SECONDS:
+        if utterance.speech.silent_since(int((end + self.SKIPPED_SPEECH_SECONDS) * SAMPLE_RATE)):
             return []
         options = replace(self._final_options(), prompt=join_words(words)[-200:])
         tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
