@@ -163,6 +163,8 @@ class DecodeOptions:
     # conditioned on the text of the one before, and no word alignment. On ../shared/eval's
     # long-form file (tiny.en) dropping either raised the WER from 0.098 to 0.11-0.14; loops stay
     # bounded by the compression-ratio fallback, which resets that context, and repetition_start.
+    # Audio that fits one window is decoded without timestamp tokens: they only serve to seek to the
+    # next window, and a decode that ended before the audio did seeks there and decodes once more.
     offline: bool = False
 
 
@@ -218,6 +220,7 @@ def token_budget(seconds: float) -> int:
 class Transcript:
     words: tuple[Word, ...]
     language: str | None
+    timed: bool = True  # False: decoded without timestamps, each word spans the whole audio
 
     @property
     def text(self) -> str:
@@ -271,6 +274,7 @@ class Engine:
             "decodes_skipped": 0,  # partials resent unchanged because only silence came since
             "speculative_runs": 0,  # finals decoded during a pause, ahead of the stop
             "speculative_finals": 0,  # ... of which the stop used
+            "skipped_speech_decodes": 0,  # finals that stopped reading early, and were read on
         }
         self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
         self._queued = asyncio.Event()
@@ -427,6 +431,7 @@ class Engine:
 
     def _decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
         _encoder_span.set(options.encoder if self.settings.trim_encoder_input else None)
+        untimed = options.offline and audio.size <= WINDOW_SAMPLES
         segments, info = self.model.transcribe(
             audio,
             language=options.language,
@@ -436,6 +441,7 @@ class Engine:
             temperature=list(options.temperatures),
             max_new_tokens=options.max_new_tokens,
             word_timestamps=not options.offline,
+            without_timestamps=untimed,
             vad_filter=vad,
             # Conditioning on the decoder's own output is what makes Whisper loop on streams; the
             # committed text goes in as a prompt instead.
@@ -453,7 +459,7 @@ class Engine:
             words = tuple(
                 Word(float(w.start), float(w.end), w.word, float(w.probability)) for s in segments for w in (s.words or ())
             )
-        return Transcript(words=words, language=info.language)
+        return Transcript(words=words, language=info.language, timed=not untimed)
 
     def _decode_batch(self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions]) -> list[Transcript]:
         """Decode several sessions' windows (at most 30 s each) in one batch.
@@ -571,6 +577,7 @@ class _Voiced:
 
 
 N_FRAMES = 3000  # Whisper's 30 s window in mel frames
+WINDOW_SAMPLES = N_FRAMES * SAMPLE_RATE // 100
 MAX_TOKENS = 448  # Whisper's decoder length
 NO_SPEECH_THRESHOLD = 0.6  # faster-whisper's defaults
 LOGPROB_THRESHOLD = -1.0
@@ -699,6 +706,20 @@ def repeated_head(before: Sequence[Word], after: Sequence[Word], most: int = 5) 
     tail = [_norm(w.text) for w in before[-most:]]
     head = [_norm(w.text) for w in after[:most]]
     return next((n for n in range(min(len(tail), len(head)), 0, -1) if tail[-n:] == head[:n]), 0)
+
+
+def read_until(final: Sequence[Word], heard: Sequence[Word], most_beyond: int = 2) -> float | None:
+    """When a final decoded without timestamps stopped reading, by the partials' word times.
+
+    Such a final's words carry no times of their own, so where it ended is told by the last of the
+    partials' words (``heard``, aligned to the audio) that it also reads. None when it read none of
+    them, or read on past them by more than ``most_beyond`` words: the partials lagged, not the final.
+    """
+    matcher = SequenceMatcher(None, [_norm(w.text) for w in heard], [_norm(w.text) for w in final], autojunk=False)
+    blocks = [block for block in matcher.get_matching_blocks() if block.size]
+    if not blocks or len(final) - (blocks[-1].b + blocks[-1].size) > most_beyond:
+        return None
+    return heard[blocks[-1].a + blocks[-1].size - 1].end
 
 
 class LocalAgreement:
@@ -965,6 +986,11 @@ class Session:
     # heard this long after the final's last word is decoded once more and added; Whisper's segment
     # ends can be a second early, and a shorter gap would decode the last words twice.
     SKIPPED_SPEECH_SECONDS = 3.0
+    # Without timestamps, greedy Whisper ends its output at a pause of half a second or more (tiny.en
+    # read only the first of two LibriSpeech files 0.5 s apart). Such a final ends where the last
+    # partial word it reads ends (read_until): aligned word times, close enough that what follows
+    # a pause, however short, is not lost.
+    SKIPPED_SPEECH_UNTIMED_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
         self.ws = ws
@@ -1280,7 +1306,7 @@ class Session:
                     utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL
                 )
             assert transcript is not None  # finals are never stale
-            words = [*transcript.words, *await self._skipped_speech(utterance, transcript.words)]
+            words = [*transcript.words, *await self._skipped_speech(utterance, transcript)]
             loop = repetition_start(words)
             return join_words(words if loop is None else words[:loop]), transcript.language
         # Tail: the committed words stand; only the window after them is decoded again.
@@ -1293,14 +1319,24 @@ class Session:
         words = utterance.policy.final(_shift(transcript.words, window_start / SAMPLE_RATE))
         return join_words(words), utterance.language or transcript.language
 
-    async def _skipped_speech(self, utterance: Utterance, words: Sequence[Word]) -> list[Word]:
+    async def _skipped_speech(self, utterance: Utterance, transcript: Transcript) -> list[Word]:
         """The words of speech that the final's decode skipped after its last word, if any."""
+        words = transcript.words
         if not words:
             return []  # the same audio would decode the same way
-        await self._score_speech(utterance)
-        end = words[-1].end
-        if utterance.speech.silent_since(int((end + self.SKIPPED_SPEECH_SECONDS) * SAMPLE_RATE)):
+        if transcript.timed:
+            end: float | None = words[-1].end
+            gap = self.SKIPPED_SPEECH_SECONDS
+        else:
+            policy = utterance.policy
+            end = read_until(words, [*policy.committed, *policy.tentative])
+            gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
+        if end is None:
             return []
+        await self._score_speech(utterance)
+        if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):
+            return []
+        self.engine.stats["skipped_speech_decodes"] += 1
         options = replace(self._final_options(), prompt=join_words(words)[-200:])
         tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
         assert tail is not None
