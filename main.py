@@ -708,18 +708,19 @@ def repeated_head(before: Sequence[Word], after: Sequence[Word], most: int = 5) 
     return next((n for n in range(min(len(tail), len(head)), 0, -1) if tail[-n:] == head[:n]), 0)
 
 
-def read_until(final: Sequence[Word], heard: Sequence[Word], most_beyond: int = 2) -> float | None:
-    """When a final decoded without timestamps stopped reading, by the partials' word times.
+def last_read(final: Sequence[Word], heard: Sequence[Word], most_beyond: int = 2) -> int | None:
+    """Where a final decoded without timestamps stopped reading: the index of the last of the
+    partials' words (``heard``, aligned to the audio) that it also reads.
 
-    Such a final's words carry no times of their own, so where it ended is told by the last of the
-    partials' words (``heard``, aligned to the audio) that it also reads. None when it read none of
-    them, or read on past them by more than ``most_beyond`` words: the partials lagged, not the final.
+    Such a final's words carry no times of their own; the partials' words tell where it ended. None
+    when it read none of them, or read on past them by more than ``most_beyond`` words: the
+    partials lagged, not the final.
     """
     matcher = SequenceMatcher(None, [_norm(w.text) for w in heard], [_norm(w.text) for w in final], autojunk=False)
     blocks = [block for block in matcher.get_matching_blocks() if block.size]
     if not blocks or len(final) - (blocks[-1].b + blocks[-1].size) > most_beyond:
         return None
-    return heard[blocks[-1].a + blocks[-1].size - 1].end
+    return blocks[-1].a + blocks[-1].size - 1
 
 
 class LocalAgreement:
@@ -988,8 +989,9 @@ class Session:
     SKIPPED_SPEECH_SECONDS = 3.0
     # Without timestamps, greedy Whisper ends its output at a pause of half a second or more (tiny.en
     # read only the first of two LibriSpeech files 0.5 s apart). Such a final ends where the last
-    # partial word it reads ends (read_until): aligned word times, close enough that what follows
-    # a pause, however short, is not lost.
+    # partial word it reads ends (last_read). When the partials heard words after that one, speech
+    # this long after it is decoded again, so what follows a pause, however short, is not lost.
+    # (Partial words after it with silence there are a hallucination: 'Thank you.')
     SKIPPED_SPEECH_UNTIMED_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
@@ -1324,15 +1326,15 @@ class Session:
         words = transcript.words
         if not words:
             return []  # the same audio would decode the same way
-        if transcript.timed:
-            end: float | None = words[-1].end
-            gap = self.SKIPPED_SPEECH_SECONDS
-        else:
-            policy = utterance.policy
-            end = read_until(words, [*policy.committed, *policy.tentative])
-            gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
-        if end is None:
-            return []
+        end, gap = words[-1].end, self.SKIPPED_SPEECH_SECONDS
+        if not transcript.timed:
+            heard = [*utterance.policy.committed, *utterance.policy.tentative]
+            last = last_read(words, heard)
+            if last is None:
+                return []
+            end = heard[last].end
+            if last < len(heard) - 1:
+                gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
         await self._score_speech(utterance)
         if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):
             return []

@@ -16,9 +16,9 @@ from main import (
     Settings,
     SettingsError,
     Word,
+    last_read,
     next_job,
     origin_allowed,
-    read_until,
     repetition_start,
 )
 
@@ -164,17 +164,17 @@ def test_final_is_the_committed_words_plus_what_the_last_decode_adds():
     assert texts(policy.final(words("painful to myself and him", start=0.0))) == "painful to myself and him"
 
 
-def test_an_untimed_final_ends_where_the_last_partial_word_it_reads_ends():
-    heard = words("I have a dream that one day. This nation will rise up")  # 0.5 s apart
-    # It stopped at the pause: the partials' time of 'day.' tells where.
-    assert read_until(words("I have a dream that one day."), heard) == heard[6].end
+def test_an_untimed_final_ends_at_the_last_partial_word_it_reads():
+    heard = words("I have a dream that one day. This nation will rise up")
+    # It stopped at the pause, at 'day.'.
+    assert last_read(words("I have a dream that one day."), heard) == 6
     # Read to the end, with a word or two the partials had not got to yet: nothing was skipped.
-    assert read_until(words("I have a dream that one day. This nation will rise up and live"), heard) == heard[-1].end
+    assert last_read(words("I have a dream that one day. This nation will rise up and live"), heard) == len(heard) - 1
     # Words of its own in the middle do not move the end.
-    assert read_until(words("I had a dream that some day. This nation will rise"), heard) == heard[-2].end
+    assert last_read(words("I had a dream that some day. This nation will rise"), heard) == len(heard) - 2
     # Read far past the partials (they lagged), or none of their words: nothing to go by.
-    assert read_until(words("I have a dream that one day. This nation will rise up and live out its creed"), heard) is None
-    assert read_until(words("Thank you."), heard) is None
+    assert last_read(words("I have a dream that one day. This nation will rise up and live out its creed"), heard) is None
+    assert last_read(words("Thank you."), heard) is None
 
 
 def test_settings_come_from_the_environment_with_the_seed_defaults():
