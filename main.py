@@ -709,18 +709,20 @@ def repeated_head(before: Sequence[Word], after: Sequence[Word], most: int = 5) 
 
 
 def last_read(final: Sequence[Word], heard: Sequence[Word], most_beyond: int = 2) -> int | None:
-    """Where a final decoded without timestamps stopped reading: the index of the last of the
-    partials' words (``heard``, aligned to the audio) that it also reads.
+    """Where a final decoded without timestamps stopped reading: the index of the partials' word
+    (``heard``, aligned to the audio) that its last word reads.
 
-    Such a final's words carry no times of their own; the partials' words tell where it ended. None
-    when it read none of them, or read on past them by more than ``most_beyond`` words: the
-    partials lagged, not the final.
+    Such a final's words carry no times of their own; the partials' words tell where it ended. Its
+    words after the last one both read stand for the partials' next ones, spelled otherwise
+    ('pocas estésias' for 'poca asistencia.'). None when it read none of theirs, or read on past
+    them by more than ``most_beyond`` words: the partials lagged, not the final.
     """
     matcher = SequenceMatcher(None, [_norm(w.text) for w in heard], [_norm(w.text) for w in final], autojunk=False)
     blocks = [block for block in matcher.get_matching_blocks() if block.size]
-    if not blocks or len(final) - (blocks[-1].b + blocks[-1].size) > most_beyond:
+    beyond = len(final) - (blocks[-1].b + blocks[-1].size) if blocks else 0
+    if not blocks or beyond > most_beyond:
         return None
-    return blocks[-1].a + blocks[-1].size - 1
+    return min(blocks[-1].a + blocks[-1].size - 1 + beyond, len(heard) - 1)
 
 
 class LocalAgreement:
@@ -989,9 +991,10 @@ class Session:
     SKIPPED_SPEECH_SECONDS = 3.0
     # Without timestamps, greedy Whisper ends its output at a pause of half a second or more (tiny.en
     # read only the first of two LibriSpeech files 0.5 s apart). Such a final ends where the last
-    # partial word it reads ends (last_read). When the partials heard words after that one, speech
-    # this long after it is decoded again, so what follows a pause, however short, is not lost.
-    # (Partial words after it with silence there are a hallucination: 'Thank you.')
+    # partial word it reads ends (last_read). When the partials committed words over this long
+    # after it, speech this long after it is decoded again, so what follows a pause is not lost.
+    # Less is not enough: base decoding the tail after a tentative word added words of its own
+    # ('... his gospel. I am pleased to welcome Mr. Quilter.').
     SKIPPED_SPEECH_UNTIMED_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
@@ -1333,7 +1336,8 @@ class Session:
             if last is None:
                 return []
             end = heard[last].end
-            if last < len(heard) - 1:
+            committed = utterance.policy.committed
+            if committed and committed[-1].end - end > self.SKIPPED_SPEECH_UNTIMED_SECONDS:
                 gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
         await self._score_speech(utterance)
         if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):

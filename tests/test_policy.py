@@ -170,8 +170,9 @@ def test_an_untimed_final_ends_at_the_last_partial_word_it_reads():
     assert last_read(words("I have a dream that one day."), heard) == 6
     # Read to the end, with a word or two the partials had not got to yet: nothing was skipped.
     assert last_read(words("I have a dream that one day. This nation will rise up and live"), heard) == len(heard) - 1
-    # Words of its own in the middle do not move the end.
+    # Words spelled otherwise, in the middle or at the end, do not move the end.
     assert last_read(words("I had a dream that some day. This nation will rise"), heard) == len(heard) - 2
+    assert last_read(words("I have a dream that one day. This nation will rice hop"), heard) == len(heard) - 1
     # Read far past the partials (they lagged), or none of their words: nothing to go by.
     assert last_read(words("I have a dream that one day. This nation will rise up and live out its creed"), heard) is None
     assert last_read(words("Thank you."), heard) is None
