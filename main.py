@@ -991,10 +991,10 @@ class Session:
     SKIPPED_SPEECH_SECONDS = 3.0
     # Without timestamps, greedy Whisper ends its output at a pause of half a second or more (tiny.en
     # read only the first of two LibriSpeech files 0.5 s apart). Such a final ends where the last
-    # partial word it reads ends (last_read). When the partials committed words over this long
-    # after it, speech this long after it is decoded again, so what follows a pause is not lost.
-    # Less is not enough: base decoding the tail after a tentative word added words of its own
-    # ('... his gospel. I am pleased to welcome Mr. Quilter.').
+    # partial word it reads ends (last_read). Where the partials committed words ending more than
+    # this after that, and the VAD heard speech this long after it, that audio is decoded again, so
+    # what follows a pause is not lost. Tentative words are not enough: base's tail decode after
+    # one added words of its own ('... his gospel. I am pleased to welcome Mr. Quilter.').
     SKIPPED_SPEECH_UNTIMED_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
