@@ -1331,12 +1331,12 @@ class Session:
             return []  # the same audio would decode the same way
         end, gap = words[-1].end, self.SKIPPED_SPEECH_SECONDS
         if not transcript.timed:
-            heard = [*utterance.policy.committed, *utterance.policy.tentative]
+            committed = utterance.policy.committed
+            heard = [*committed, *utterance.policy.tentative]
             last = last_read(words, heard)
             if last is None:
                 return []
             end = heard[last].end
-            committed = utterance.policy.committed
             if committed and committed[-1].end - end > self.SKIPPED_SPEECH_UNTIMED_SECONDS:
                 gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
         await self._score_speech(utterance)

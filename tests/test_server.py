@@ -165,11 +165,6 @@ class Speaker:
         await self.ws.send(pcm)
         self.sent += len(pcm)
 
-    async def send_realtime(self, pcm: bytes) -> None:
-        for start in range(0, len(pcm), 3200):
-            await self.send(pcm[start : start + 3200])
-            await asyncio.sleep(0.1)
-
     async def hold_until(self, counter: str, above: int, timeout: float = 90.0) -> None:
         """Stream silence, 100 ms a frame in real time, until /health's inference[counter] > above."""
         loop = asyncio.get_running_loop()
@@ -226,13 +221,8 @@ def test_what_is_said_after_a_short_pause_reaches_the_final(server):
 
     async def scenario():
         async with websockets.connect(server.ws_url) as ws:
-            finals = []
-            for tail in tails:
-                speaker = Speaker(ws, server)
-                for pcm in (read_pcm(SHORT), silence(0.6), read_pcm(tail), silence(0.3)):
-                    await speaker.send_realtime(pcm)
-                finals.append(await speaker.stop())
-            return finals
+            pcms = [read_pcm(SHORT) + silence(0.6) + read_pcm(tail) + silence(0.3) for tail in tails]
+            return [(await speak(ws, pcm, realtime=1.0)).final for pcm in pcms]
 
     for tail, final in zip(tails, run(scenario())):
         # Each tail is 8 of the 24 words: losing it costs 0.33; tiny.en misspells a word of the first.
