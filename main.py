@@ -34,6 +34,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from faster_whisper import WhisperModel
+from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 from faster_whisper.vad import SpeechTimestampsMap, VadOptions, get_speech_timestamps, get_vad_model
@@ -190,6 +191,8 @@ PARTIAL_ENCODER = EncoderSpan(floor=1500, margin=1000)
 # 828 instead of 1171 ms (tiny.en, 2 cores), for the 2 points of coverage measured above.
 BUSY_PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=500)
 _encoder_span: contextvars.ContextVar[EncoderSpan | None] = contextvars.ContextVar("encoder_span", default=None)
+# Features already encoded by this thread's decode, and their encoder output: given back, not recomputed.
+_encoded: contextvars.ContextVar[tuple[np.ndarray, Any] | None] = contextvars.ContextVar("encoded", default=None)
 
 
 class TrimmedWhisperModel(WhisperModel):
@@ -201,6 +204,9 @@ class TrimmedWhisperModel(WhisperModel):
     """
 
     def encode(self, features: np.ndarray) -> Any:
+        done = _encoded.get()
+        if done is not None and done[0].shape == features.shape and np.array_equal(done[0], features):
+            return done[1]
         span = _encoder_span.get()
         if span is not None:
             frames = features if features.ndim == 2 else features[0]
@@ -220,7 +226,10 @@ def token_budget(seconds: float) -> int:
 class Transcript:
     words: tuple[Word, ...]
     language: str | None
-    timed: bool = True  # False: decoded without timestamps, each word spans the whole audio
+    aligned: bool = True  # False: each word carries its segment's times (a final longer than 30 s)
+    # Where the language was detected on this audio: how sure Whisper was, and how much speech it heard.
+    language_probability: float = 1.0
+    speech_seconds: float = 0.0
 
     @property
     def text(self) -> str:
@@ -431,7 +440,8 @@ class Engine:
 
     def _decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
         _encoder_span.set(options.encoder if self.settings.trim_encoder_input else None)
-        untimed = options.offline and audio.size <= WINDOW_SAMPLES
+        if options.offline and audio.size <= WINDOW_SAMPLES:
+            return self._decode_window(audio, options)
         segments, info = self.model.transcribe(
             audio,
             language=options.language,
@@ -441,7 +451,6 @@ class Engine:
             temperature=list(options.temperatures),
             max_new_tokens=options.max_new_tokens,
             word_timestamps=not options.offline,
-            without_timestamps=untimed,
             vad_filter=vad,
             # Conditioning on the decoder's own output is what makes Whisper loop on streams; the
             # committed text goes in as a prompt instead.
@@ -455,34 +464,78 @@ class Engine:
                 for s in segments
                 for token in re.findall(r"\s*\S+", s.text)
             )
-        else:
-            words = tuple(
-                Word(float(w.start), float(w.end), w.word, float(w.probability)) for s in segments for w in (s.words or ())
+            return Transcript(words, info.language, aligned=False, language_probability=info.language_probability)
+        words = tuple(
+            Word(float(w.start), float(w.end), w.word, float(w.probability)) for s in segments for w in (s.words or ())
+        )
+        return Transcript(words, info.language, language_probability=info.language_probability)
+
+    def _decode_window(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+        """An utterance that fits one 30 s window, decoded as offline faster-whisper would, without
+        timestamp tokens, then aligned word by word.
+
+        Timestamp tokens only serve to seek to the next window: a decode that ended before the audio
+        did seeks there and runs again. The alignment, one decoder pass over the text, gives each word
+        its time, so the session can tell where the decode stopped reading. The encoder runs once:
+        language detection and the alignment use its output, and transcribe is handed it back.
+        """
+        model = self.model
+        chunks = get_speech_timestamps(audio, VAD_OPTIONS)
+        if not chunks:
+            return Transcript((), options.language, language_probability=0.0)
+        speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])
+        features = model.feature_extractor(speech)
+        frames = min(N_FRAMES, features.shape[-1] - 1)  # what transcribe's one segment holds
+        segment = pad_or_trim(features[:, :frames])
+        encoded = WhisperModel.encode(model, segment)
+        language, probability = options.language or (None if self.multilingual else "en"), 1.0
+        if language is None:
+            [found] = model.model.detect_language(encoded)
+            language, probability = found[0][0][2:-2], float(found[0][1])
+        token = _encoded.set((segment, encoded))
+        try:
+            segments, _ = model.transcribe(
+                speech,
+                language=language,
+                task=options.task,
+                beam_size=options.beam_size,
+                initial_prompt=options.prompt or None,
+                temperature=list(options.temperatures),
+                max_new_tokens=options.max_new_tokens,
+                without_timestamps=True,
+                vad_filter=False,
             )
-        return Transcript(words=words, language=info.language, timed=not untimed)
+            segments = list(segments)
+        finally:
+            _encoded.reset(token)
+        tokenizer = self._tokenizer(options.task, language)
+        tokens = [t for s in segments for t in s.tokens if t < tokenizer.eot]
+        [alignment] = model.find_alignment(tokenizer, [tokens], encoded, frames) if tokens else [[]]
+        words = _aligned_words(SpeechTimestampsMap(chunks, SAMPLE_RATE), alignment)
+        return Transcript(words, language, language_probability=probability, speech_seconds=speech.size / SAMPLE_RATE)
 
     def _decode_batch(self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions]) -> list[Transcript]:
         """Decode several sessions' windows (at most 30 s each) in one batch.
 
         What ``transcribe`` does for one window, done for all at once: VAD, log-mel features padded
-        to one width, one encode, one greedy generate (without timestamp tokens: word alignment
-        gives the times), one word alignment. The decoder dominates a partial's cost, and a batch of
-        8 costs it about 3 times one (tiny.en, 2 cores).
+        to one width, one encode, language detection for the windows that name none, one greedy
+        generate (without timestamp tokens: word alignment gives the times), one word alignment per
+        language. The decoder dominates a partial's cost, and a batch of 8 costs it about 3 times one
+        (tiny.en, 2 cores).
         """
-        options = each[0]  # language, task, beam size and encoder span are the same for all
-        tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=options.task, language=options.language)
-        results = [Transcript((), options.language) for _ in audios]
+        options = each[0]  # task, beam size and encoder span are the same for all
+        text_tokenizer = self._tokenizer(options.task, options.language or "en")  # encoding is language-free
+        results = [Transcript((), item.language, language_probability=0.0) for item in each]
         busy = len(audios) > 2  # a batch this big means load: cadence comes first
         rows = []
         for index, (audio, item) in enumerate(zip(audios, each)):
             chunks = get_speech_timestamps(audio, VAD_OPTIONS)
             if chunks:  # else silence: nothing to decode
-                previous = tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
+                previous = text_tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
                 rows.append((index, audio, item, chunks, previous))
         # CTranslate2 wants the start-of-transcript token at one position in the whole batch, so
         # prompts are cut to a few lengths (the latest tokens kept) and batched per length. A busy
-        # batch cuts them all to its shortest, for one generate: two groups of 4 took 386 ms
-        # against 236 ms for one of 8 (tiny.en, 2 cores).
+        # batch cuts them all to its shortest, for one generate.
         common = min((len(previous) for *_, previous in rows), default=0) if busy else MAX_TOKENS
         groups: dict[int, list[_Voiced]] = {}
         for index, audio, item, chunks, previous in rows:
@@ -493,17 +546,19 @@ class Engine:
                 SpeechTimestampsMap(chunks, SAMPLE_RATE),
                 previous[len(previous) - keep :],
                 item.max_new_tokens or MAX_TOKENS // 2,
+                item.language,
             )
             groups.setdefault(keep, []).append(voiced)
         span = BUSY_PARTIAL_ENCODER if busy and options.encoder is not None else options.encoder
         for group in groups.values():
-            for voiced, words in zip(group, self._decode_group(group, tokenizer, options, span)):
-                results[voiced.index] = Transcript(words, options.language)
+            for voiced, transcript in zip(group, self._decode_group(group, options, span)):
+                results[voiced.index] = transcript
         return results
 
-    def _decode_group(
-        self, group: Sequence[_Voiced], tokenizer: Tokenizer, options: DecodeOptions, span: EncoderSpan | None
-    ) -> list[tuple[Word, ...]]:
+    def _tokenizer(self, task: str, language: str) -> Tokenizer:
+        return Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
+
+    def _decode_group(self, group: Sequence[_Voiced], options: DecodeOptions, span: EncoderSpan | None) -> list[Transcript]:
         model = self.model
         features = [model.feature_extractor(v.audio)[:, :-1] for v in group]
         frames = [f.shape[-1] for f in features]
@@ -513,14 +568,23 @@ class Engine:
             width += width % 2
         batch = np.stack([np.pad(f[:, :width], ((0, 0), (0, width - min(f.shape[-1], width)))) for f in features])
         if self.device == "cpu" and len(batch) > 2:
-            # Two windows at a time: on CPU one encode of 8 took 1.5 times as long as four of 2
-            # (tiny.en, 2 cores, 11 s and 16 s spans: 404 vs 262 ms, 656 vs 436 ms). The array
-            # stays referenced here because the StorageView only borrows its memory.
+            # Two windows at a time: on CPU one encode of 8 took 1.5 times as long as four of 2.
+            # The array stays referenced here because the StorageView only borrows its memory.
             pairs = np.concatenate([np.asarray(WhisperModel.encode(model, batch[i : i + 2])) for i in range(0, len(batch), 2)])
             encoded = ctranslate2.StorageView.from_array(pairs)
         else:
             encoded = WhisperModel.encode(model, batch)
-        prompts = [model.get_prompt(tokenizer, v.previous, without_timestamps=True) for v in group]
+        languages = [(v.language or (None if self.multilingual else "en"), 1.0) for v in group]
+        if any(language is None for language, _ in languages):
+            # One decoder step on the encoder output already computed: detection costs next to nothing.
+            detected = model.model.detect_language(encoded)
+            languages = [
+                given if given[0] is not None else (found[0][0][2:-2], float(found[0][1]))
+                for given, found in zip(languages, detected)
+            ]
+        tokenizers = [self._tokenizer(options.task, language) for language, _ in languages]
+        prompts = [model.get_prompt(t, v.previous, without_timestamps=True) for t, v in zip(tokenizers, group)]
+        tokenizer = tokenizers[0]  # special tokens and suppression are the same in every language
         generated = model.model.generate(
             encoded,
             prompts,
@@ -538,31 +602,49 @@ class Engine:
             # Whisper's own silence test: likely no speech, and not confident in what it wrote.
             silent = result.no_speech_prob > NO_SPEECH_THRESHOLD and average_logprob < LOGPROB_THRESHOLD
             texts.append([] if silent else tokens)
-        # Every row is aligned (the encoder output is one batch); a row without text gets a placeholder.
-        alignments = model.find_alignment(
-            tokenizer, [tokens or [tokenizer.eot - 1] for tokens in texts], encoded, frames
-        )
-        decoded = []
-        for voiced, tokens, alignment in zip(group, texts, alignments):
-            if not tokens:
-                decoded.append(())
+        # Alignment starts from one language's tokens for the whole batch: once per language present,
+        # every row aligned (the encoder output is one batch), the other rows given a placeholder.
+        alignments: list[list[dict]] = [[] for _ in group]
+        for language in dict.fromkeys(language for language, _ in languages):
+            rows = [i for i, (row_language, _) in enumerate(languages) if row_language == language and texts[i]]
+            if not rows:
                 continue
-            merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
-            words = []
-            for word in alignment:
-                if not word["word"]:
-                    continue
-                chunk = voiced.time_map.get_chunk_index((word["start"] + word["end"]) / 2)
-                words.append(
-                    Word(
-                        voiced.time_map.get_original_time(float(word["start"]), chunk),
-                        voiced.time_map.get_original_time(float(word["end"]), chunk),
-                        word["word"],
-                        float(word["probability"]),
-                    )
-                )
-            decoded.append(tuple(words))
-        return decoded
+            aligned = model.find_alignment(
+                tokenizers[rows[0]],
+                [texts[i] if i in rows else [tokenizer.eot - 1] for i in range(len(group))],
+                encoded,
+                frames,
+            )
+            for i in rows:
+                alignments[i] = aligned[i]
+        return [
+            Transcript(
+                _aligned_words(voiced.time_map, alignment),
+                language,
+                language_probability=probability,
+                speech_seconds=voiced.audio.size / SAMPLE_RATE if tokens else 0.0,
+            )
+            for voiced, tokens, alignment, (language, probability) in zip(group, texts, alignments, languages)
+        ]
+
+
+def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tuple[Word, ...]:
+    """Aligned words, their times mapped from the speech alone back to the audio it was cut from."""
+    merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
+    words = []
+    for word in alignment:
+        if not word["word"]:
+            continue
+        chunk = time_map.get_chunk_index((word["start"] + word["end"]) / 2)
+        words.append(
+            Word(
+                time_map.get_original_time(float(word["start"]), chunk),
+                time_map.get_original_time(float(word["end"]), chunk),
+                word["word"],
+                float(word["probability"]),
+            )
+        )
+    return tuple(words)
 
 
 @dataclass(frozen=True)
@@ -574,6 +656,7 @@ class _Voiced:
     time_map: SpeechTimestampsMap
     previous: list[int]  # prompt tokens
     budget: int
+    language: str | None  # None: detect it on this window
 
 
 N_FRAMES = 3000  # Whisper's 30 s window in mel frames
@@ -628,12 +711,13 @@ def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool) -> Job
 
 
 def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
-    return (options.language, options.task, options.beam_size, options.encoder)
+    """Partials batch across languages (each row has its own language token, or detects one)."""
+    return (options.task, options.beam_size, options.encoder)
 
 
 def _batchable(job: Job) -> bool:
-    """Partials with a known language batch; finals (long audio, fallback) and language detection don't."""
-    return job.priority == PRIORITY_PARTIAL and job.options.language is not None
+    """Partials batch; finals (long audio, temperature fallback) run alone."""
+    return job.priority == PRIORITY_PARTIAL
 
 
 def _load_model(settings: Settings) -> tuple[Any, str, int]:
@@ -708,21 +792,52 @@ def repeated_head(before: Sequence[Word], after: Sequence[Word], most: int = 5) 
     return next((n for n in range(min(len(tail), len(head)), 0, -1) if tail[-n:] == head[:n]), 0)
 
 
-def last_read(final: Sequence[Word], heard: Sequence[Word], most_beyond: int = 2) -> int | None:
-    """Where a final decoded without timestamps stopped reading: the index of the partials' word
-    (``heard``, aligned to the audio) that its last word reads.
+def without_rereading(before: Sequence[Word], added: Sequence[Word], least: int = 2) -> list[Word]:
+    """``added`` less the stretches (``least`` words or more) that read ``before``'s words again from
+    the same audio: their times overlap. A stretch said twice lies in the audio twice, at two times,
+    and stays."""
+    matcher = SequenceMatcher(None, [_norm(w.text) for w in before], [_norm(w.text) for w in added], autojunk=False)
+    dropped: set[int] = set()
+    for block in matcher.get_matching_blocks():
+        if block.size < least:
+            continue
+        old, new = before[block.a : block.a + block.size], added[block.b : block.b + block.size]
+        if min(old[-1].end, new[-1].end) > max(old[0].start, new[0].start):
+            dropped.update(range(block.b, block.b + block.size))
+    return [word for index, word in enumerate(added) if index not in dropped]
 
-    Such a final's words carry no times of their own; the partials' words tell where it ended. Its
-    words after the last one both read stand for the partials' next ones, spelled otherwise
-    ('pocas estésias' for 'poca asistencia.'). None when it read none of theirs, or read on past
-    them by more than ``most_beyond`` words: the partials lagged, not the final.
+
+@dataclass
+class LanguageGuess:
+    """An utterance's language, guessed from the partial decodes' detections until it is settled.
+
+    Whisper's detection on a second of speech is often wrong, and sometimes sure of it; with more
+    speech it is right, and sure when right (``python -m bench.language``; figures in README). It is
+    settled by the first detection on at least SURE_SPEECH seconds of speech with SURE_PROBABILITY,
+    or else, once MOST_SPEECH seconds were heard or the window is full, on the language with the
+    most evidence (probability times speech, summed over the detections). Until then partials
+    commit and show nothing, so no word of a wrong guess is left on screen.
     """
-    matcher = SequenceMatcher(None, [_norm(w.text) for w in heard], [_norm(w.text) for w in final], autojunk=False)
-    blocks = [block for block in matcher.get_matching_blocks() if block.size]
-    beyond = len(final) - (blocks[-1].b + blocks[-1].size) if blocks else 0
-    if not blocks or beyond > most_beyond:
-        return None
-    return min(blocks[-1].a + blocks[-1].size - 1 + beyond, len(heard) - 1)
+
+    SURE_SPEECH = 1.5
+    SURE_PROBABILITY = 0.7
+    MOST_SPEECH = 3.0
+
+    language: str | None = None
+    settled: bool = False
+    evidence: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, language: str | None, probability: float, speech: float, *, window_full: bool) -> None:
+        """Take one detection: ``language`` with ``probability`` on ``speech`` seconds of speech."""
+        if self.settled:
+            return
+        if language is not None and speech > 0:
+            self.evidence[language] = self.evidence.get(language, 0.0) + probability * speech
+            if speech >= self.SURE_SPEECH and probability >= self.SURE_PROBABILITY:
+                self.language, self.settled = language, True
+                return
+        if self.evidence and (window_full or speech >= self.MOST_SPEECH):
+            self.language, self.settled = max(self.evidence, key=self.evidence.__getitem__), True
 
 
 class LocalAgreement:
@@ -778,9 +893,16 @@ class LocalAgreement:
         cut = repetition_start(new)
         return new if cut is None else new[:cut]
 
-    def update(self, words: Sequence[Word], audio_end: float) -> list[Word]:
-        """Take the hypothesis for the window ending at ``audio_end``; return the newly committed words."""
+    def update(self, words: Sequence[Word], audio_end: float, *, commit: bool = True) -> list[Word]:
+        """Take the hypothesis for the window ending at ``audio_end``; return the newly committed words.
+
+        With ``commit`` false it only becomes the hypothesis the next one is compared with: nothing
+        is committed and the window stays where it is.
+        """
         hypothesis = self.fresh(words)
+        if not commit:
+            self.tentative = hypothesis
+            return []
         agreed = 0
         for old, new in zip(self.tentative, hypothesis):
             if _norm(old.text) != _norm(new.text):
@@ -956,7 +1078,7 @@ class Utterance:
     decoded_until: int = 0  # samples covered by the last partial decode
     settled: bool = False  # the last partial decode came after the speaker had stopped
     speculation: Speculation | None = None
-    language: str | None = None  # detected once, then reused so each decode need not detect again
+    language: LanguageGuess = field(default_factory=LanguageGuess)
 
     @property
     def seconds(self) -> float:
@@ -989,13 +1111,12 @@ class Session:
     # heard this long after the final's last word is decoded once more and added; Whisper's segment
     # ends can be a second early, and a shorter gap would decode the last words twice.
     SKIPPED_SPEECH_SECONDS = 3.0
-    # Without timestamps, greedy Whisper ends its output at a pause of half a second or more (tiny.en
-    # read only the first of two LibriSpeech files 0.5 s apart). Such a final ends where the last
-    # partial word it reads ends (last_read). Where the partials committed words ending more than
-    # this after that, and the VAD heard speech this long after it, that audio is decoded again, so
-    # what follows a pause is not lost. Tentative words are not enough: base's tail decode after
-    # one added words of its own ('... his gospel. I am pleased to welcome Mr. Quilter.').
-    SKIPPED_SPEECH_UNTIMED_SECONDS = 1.0
+    # Without timestamps, greedy Whisper ends its output at a pause of half a second or more. Such a
+    # final's words are aligned to the audio; where the partials committed words ending more than
+    # this after its last one, and the VAD heard speech this long after it, that audio is decoded
+    # again, so what follows a pause is not lost. Tentative words are not enough evidence: a tail
+    # decode after them can add words of its own.
+    SKIPPED_SPEECH_HEARD_SECONDS = 1.0
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
         self.ws = ws
@@ -1112,15 +1233,17 @@ class Session:
         if "language" in changes and changes["language"] is None and not self.engine.multilingual:
             changes["language"] = "en"
         self.config = self.config.model_copy(update=changes)
+        self.utterance = self._new_utterance()  # no audio yet: it starts under the new config
 
     # -- decoding ----------------------------------------------------------------------------
 
     def _new_utterance(self) -> Utterance:
-        return Utterance(LocalAgreement(self.settings.window_seconds))
+        language = self.config.language
+        return Utterance(LocalAgreement(self.settings.window_seconds), language=LanguageGuess(language, language is not None))
 
     def _window_options(self, utterance: Utterance, seconds: float, *, final: bool) -> DecodeOptions:
         return DecodeOptions(
-            language=self.config.language or utterance.language,
+            language=utterance.language.language if utterance.language.settled else None,
             task=self.config.task,
             beam_size=self.config.beam_size,
             prompt=utterance.policy.prompt(),
@@ -1166,7 +1289,7 @@ class Session:
             # cannot change, so the partial is sent again without a decode.
             utterance.decoded_until = audio_end
             self.engine.stats["decodes_skipped"] += 1
-            await self._send_partial(utterance.policy)
+            await self._send_partial(utterance)
             return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
         transcript = await self.engine.transcribe(
@@ -1180,23 +1303,31 @@ class Session:
             return  # overtaken by the final: a partial after it would be stale
         utterance.decoded_until = audio_end
         utterance.settled = quiet
-        if utterance.language is None and transcript.language and self.engine.multilingual:
-            utterance.language = transcript.language
+        guess = utterance.language
+        window_full = (audio_end - window_start) / SAMPLE_RATE >= self.settings.window_seconds
+        guess.observe(transcript.language, transcript.language_probability, transcript.speech_seconds, window_full=window_full)
         policy = utterance.policy
-        policy.update(_shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE)
+        # Words are committed only in the settled language, so a guess that is then revised leaves
+        # nothing behind; a hypothesis under the guess that is then settled on can agree at once.
+        settled = guess.settled and transcript.language == guess.language
+        policy.update(_shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE, commit=settled or not transcript.words)
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
-        await self._send_partial(policy)
+        await self._send_partial(utterance)
 
-    async def _send_partial(self, policy: LocalAgreement) -> None:
-        """The policy's text as it stands; it changes only with a decode, so a skipped one resends it."""
-        committed, tentative = join_words(policy.committed), join_words(policy.shown_tentative())
+    async def _send_partial(self, utterance: Utterance) -> None:
+        """The policy's text as it stands; it changes only with a decode, so a skipped one resends it.
+        Before the language is settled nothing is shown: the words may be of a wrong guess."""
+        policy = utterance.policy
+        shown = policy.shown_tentative() if utterance.language.settled else []
+        committed, tentative = join_words(policy.committed), join_words(shown)
         await self._send(
             {
                 "type": "partial",
                 "text": " ".join(t for t in (committed, tentative) if t),
                 "committed": committed,
                 "tentative": tentative,
+                "language": utterance.language.language if utterance.language.settled else None,
             }
         )
 
@@ -1322,7 +1453,7 @@ class Session:
         )
         assert transcript is not None
         words = utterance.policy.final(_shift(transcript.words, window_start / SAMPLE_RATE))
-        return join_words(words), utterance.language or transcript.language
+        return join_words(words), transcript.language
 
     async def _skipped_speech(self, utterance: Utterance, transcript: Transcript) -> list[Word]:
         """The words of speech that the final's decode skipped after its last word, if any."""
@@ -1330,24 +1461,18 @@ class Session:
         if not words:
             return []  # the same audio would decode the same way
         end, gap = words[-1].end, self.SKIPPED_SPEECH_SECONDS
-        if not transcript.timed:
-            committed = utterance.policy.committed
-            heard = [*committed, *utterance.policy.tentative]
-            last = last_read(words, heard)
-            if last is None:
-                return []
-            end = heard[last].end
-            if committed and committed[-1].end - end > self.SKIPPED_SPEECH_UNTIMED_SECONDS:
-                gap = self.SKIPPED_SPEECH_UNTIMED_SECONDS
+        committed = utterance.policy.committed
+        if transcript.aligned and committed and committed[-1].end - end > self.SKIPPED_SPEECH_HEARD_SECONDS:
+            gap = self.SKIPPED_SPEECH_HEARD_SECONDS
         await self._score_speech(utterance)
         if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):
             return []
         self.engine.stats["skipped_speech_decodes"] += 1
-        options = replace(self._final_options(), prompt=join_words(words)[-200:])
+        options = replace(self._final_options(), language=transcript.language, prompt=join_words(words)[-200:])
         tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
         assert tail is not None
         added = _shift(tail.words, end)
-        return added[repeated_head(words, added) :]
+        return without_rereading(words, added[repeated_head(words, added) :])
 
 
 def _shift(words: Sequence[Word], seconds: float) -> list[Word]:

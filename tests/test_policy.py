@@ -12,14 +12,15 @@ from main import (
     PRIORITY_SPECULATIVE,
     AudioBuffer,
     Job,
+    LanguageGuess,
     LocalAgreement,
     Settings,
     SettingsError,
     Word,
-    last_read,
     next_job,
     origin_allowed,
     repetition_start,
+    without_rereading,
 )
 
 
@@ -164,18 +165,43 @@ def test_final_is_the_committed_words_plus_what_the_last_decode_adds():
     assert texts(policy.final(words("painful to myself and him", start=0.0))) == "painful to myself and him"
 
 
-def test_an_untimed_final_ends_at_the_last_partial_word_it_reads():
-    heard = words("I have a dream that one day. This nation will rise up")
-    # It stopped at the pause, at 'day.'.
-    assert last_read(words("I have a dream that one day."), heard) == 6
-    # Read to the end, with a word or two the partials had not got to yet: nothing was skipped.
-    assert last_read(words("I have a dream that one day. This nation will rise up and live"), heard) == len(heard) - 1
-    # Words spelled otherwise, in the middle or at the end, do not move the end.
-    assert last_read(words("I had a dream that some day. This nation will rise"), heard) == len(heard) - 2
-    assert last_read(words("I have a dream that one day. This nation will rice hop"), heard) == len(heard) - 1
-    # Read far past the partials (they lagged), or none of their words: nothing to go by.
-    assert last_read(words("I have a dream that one day. This nation will rise up and live out its creed"), heard) is None
-    assert last_read(words("Thank you."), heard) is None
+def test_a_tail_decode_that_reads_the_final_again_adds_only_what_is_new():
+    final = words("mientras le hablaba Carlos y las palabras a duras penas", start=10.0)
+    # The tail decode started too early, at 'Carlos' (11.5 s): its first words read the same audio again.
+    tail = words("Carlos y las palabras a duras penas reprimidas que asomaron", start=11.5)
+    assert texts(without_rereading(final, tail)) == "reprimidas que asomaron"
+    # Said twice, the same words lie in the audio twice, at other times: they stay.
+    again = words("mientras le hablaba Carlos", start=20.0)
+    assert texts(without_rereading(final, again)) == "mientras le hablaba Carlos"
+    # A single word in common is no stretch.
+    assert texts(without_rereading(final, words("y luego", start=14.0))) == "y luego"
+
+
+def test_a_language_is_settled_only_on_enough_speech():
+    guess = LanguageGuess()
+    guess.observe("ar", 0.93, 1.0, window_full=False)  # sure, but on a second of speech
+    assert not guess.settled and guess.language is None
+    guess.observe("es", 0.46, 1.6, window_full=False)  # enough speech, but unsure
+    assert not guess.settled
+    guess.observe("es", 0.8, 2.1, window_full=False)
+    assert guess.settled and guess.language == "es"
+    guess.observe("pt", 0.99, 3.0, window_full=False)  # settled stays settled
+    assert guess.language == "es"
+
+
+def test_an_unsure_language_is_settled_on_the_most_evidence_after_enough_speech():
+    guess = LanguageGuess()
+    for language, probability, speech in [("en", 0.6, 1.0), ("zh", 0.41, 2.0), ("en", 0.65, 2.5)]:
+        guess.observe(language, probability, speech, window_full=False)
+    assert not guess.settled
+    guess.observe("zh", 0.44, 3.0, window_full=False)
+    assert guess.settled and guess.language == "en"  # 0.6 + 1.625 against 0.82 + 1.32
+    # Silence gives no evidence; a full window settles on what there is, and nothing settles on nothing.
+    quiet = LanguageGuess()
+    quiet.observe(None, 0.0, 0.0, window_full=True)
+    assert not quiet.settled
+    quiet.observe("de", 0.3, 0.5, window_full=True)
+    assert quiet.settled and quiet.language == "de"
 
 
 def test_settings_come_from_the_environment_with_the_seed_defaults():
