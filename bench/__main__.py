@@ -212,7 +212,7 @@ class Utterance:
         return finals[0][1] if finals else None
 
 
-async def stream_file(ws, item: Item, speed: float) -> Utterance:
+async def stream_file(ws, item: Item, speed: float, auto_language: bool = False) -> Utterance:
     pcm = read_pcm(item.path)
     utterance = Utterance(item)
     frame = int(16000 * FRAME_SECONDS) * 2
@@ -225,7 +225,8 @@ async def stream_file(ws, item: Item, speed: float) -> Utterance:
                 return
 
     receiver = asyncio.create_task(receive())
-    await ws.send(json.dumps({"language": item.language, "task": "transcribe", "beam_size": 1}))
+    config = {"task": "transcribe", "beam_size": 1} if auto_language else {"language": item.language, "task": "transcribe", "beam_size": 1}
+    await ws.send(json.dumps(config))
     start = utterance.first_audio = time.monotonic()
     for index, offset in enumerate(range(0, len(pcm), frame)):
         if speed > 0:  # pace by the clock, so a slow send does not stretch the audio
@@ -239,14 +240,14 @@ async def stream_file(ws, item: Item, speed: float) -> Utterance:
     return utterance
 
 
-async def client(url: str, items: list[Item], speed: float, progress) -> list[Utterance]:
+async def client(url: str, items: list[Item], speed: float, progress, auto_language: bool = False) -> list[Utterance]:
     import websockets
 
     done = []
     try:
         async with websockets.connect(f"ws://{url}/ws", max_size=None) as ws:
             for item in items:
-                done.append(await stream_file(ws, item, speed))
+                done.append(await stream_file(ws, item, speed, auto_language))
                 progress.update(1)
     except Exception as exc:  # a dropped connection is a figure of the run, not a crash of the bench
         logger.warning("client dropped: %s", exc)
@@ -254,11 +255,11 @@ async def client(url: str, items: list[Item], speed: float, progress) -> list[Ut
     return done
 
 
-async def run_streams(url: str, plans: list[list[Item]], speed: float, label: str) -> list[Utterance]:
+async def run_streams(url: str, plans: list[list[Item]], speed: float, label: str, auto_language: bool = False) -> list[Utterance]:
     from tqdm import tqdm
 
     with tqdm(total=sum(map(len, plans)), desc=label, unit="file", file=sys.stderr) as progress:
-        results = await asyncio.gather(*(client(url, plan, speed, progress) for plan in plans))
+        results = await asyncio.gather(*(client(url, plan, speed, progress, auto_language) for plan in plans))
     return [u for per_client in results for u in per_client]
 
 
@@ -375,9 +376,11 @@ def offline(model_id: str, items: list[Item], threads: int, compute_type: str, d
 # -- the run -------------------------------------------------------------------------------------
 
 
-def measure(server: Server, plans: list[list[Item]], speed: float, label: str) -> tuple[list[Utterance], float, float]:
+def measure(
+    server: Server, plans: list[list[Item]], speed: float, label: str, auto_language: bool = False
+) -> tuple[list[Utterance], float, float]:
     cpu_before, wall = server.cpu_seconds(), time.monotonic()
-    utterances = asyncio.run(run_streams(server.url, plans, speed, label))
+    utterances = asyncio.run(run_streams(server.url, plans, speed, label, auto_language))
     return utterances, server.cpu_seconds() - cpu_before, time.monotonic() - wall
 
 
@@ -393,7 +396,7 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
                 seconds += items[k % len(items)].duration
                 k += 1
             plans.append(plan)
-        utterances, cpu, wall = measure(server, plans, 1.0, f"{streams} streams")
+        utterances, cpu, wall = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
         rows = [utterance_figures(u) for u in utterances]
         figures = pooled(rows, {i.name: i for i in items})
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
@@ -426,6 +429,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compute-type", default="int8_float32")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline reference decode")
+    parser.add_argument(
+        "--auto-language", action="store_true", help="send no language: the server detects it (the offline decode is given it)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
     args = parser.parse_args()
@@ -450,7 +456,7 @@ def main() -> None:
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server).get("partial_every_ms", partial_every * 1000) / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
-        utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)")
+        utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language)
         rows = [utterance_figures(u) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, by_name), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
@@ -509,6 +515,7 @@ def environment(args: argparse.Namespace, model_id: str, server_health: dict) ->
         "faster_whisper": faster_whisper.__version__,
         "speed": args.speed,
         "streams": args.streams,
+        "auto_language": args.auto_language,
         "server_settings": args.env,
         "server_inference": server_health.get("inference"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -523,7 +530,8 @@ def markdown(result: dict) -> str:
     env, run = result["environment"], result["run"]
     lines = [
         f"### {env['model']} ({env['compute_type']}, {env['threads']} threads, {env['cpu']}, {env['cores']} cores), "
-        f"{run['files']} files, {env['streams']} stream(s) at {env['speed']}x",
+        f"{run['files']} files, {env['streams']} stream(s) at {env['speed']}x"
+        + (", no language sent" if env.get("auto_language") else ""),
         "",
         "| figure | value |",
         "|---|---|",
