@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.__main__ import DEFAULT_MANIFEST, ROOT, load_manifest, read_pcm, resolve_model
+from bench.data import DEFAULT_MANIFEST, ROOT, load_manifest, read_pcm, resolve_model
 
 SPEECH_SECONDS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -47,20 +47,22 @@ def main() -> None:
 
     from faster_whisper.vad import get_speech_timestamps
 
-    import main as server
+    from realtime_stt.decoder import PARTIAL_ENCODER, DecodeOptions, Decoder, token_budget
+    from realtime_stt.settings import Settings
+    from realtime_stt.vad import VAD_OPTIONS
 
-    engine = server.Engine(server.Settings(model_id=resolve_model(args.model), cpu_threads=args.threads, inference_workers=1))
-    if not engine.multilingual:
+    decoder = Decoder(Settings(model_id=resolve_model(args.model), cpu_threads=args.threads, inference_workers=1))
+    if not decoder.multilingual:
         raise SystemExit(f"{args.model} is English-only: nothing to detect")
     items = load_manifest(args.manifest, None, None)
-    spans = {"partial": server.PARTIAL_ENCODER, "30 s": None}
+    spans = {"partial": PARTIAL_ENCODER, "30 s": None}
     rows = []
     for item in items:
         audio = np.frombuffer(read_pcm(item.path), dtype="<i2").astype(np.float32) / 32768
-        for amount, end in prefixes(audio, get_speech_timestamps(audio, server.VAD_OPTIONS)).items():
+        for amount, end in prefixes(audio, get_speech_timestamps(audio, VAD_OPTIONS)).items():
             for span_name, span in spans.items():
-                options = server.DecodeOptions(language=None, encoder=span, max_new_tokens=server.token_budget(end / 16000))
-                [found] = engine._decode_batch([audio[:end]], [options])
+                options = DecodeOptions(language=None, encoder=span, max_new_tokens=token_budget(end / 16000))
+                [found] = decoder.decode_batch([audio[:end]], [options])
                 rows.append({"file": item.name, "language": item.language, "speech_s": amount, "span": span_name,
                              "detected": found.language, "probability": found.language_probability})
         print(item.name, flush=True)

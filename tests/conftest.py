@@ -30,7 +30,7 @@ def tiny_model_path() -> str:
 
 def base_model_path() -> str:
     """The real multilingual Whisper base (two PyPI packages, joined once into a cache)."""
-    from bench.__main__ import join_base_model
+    from bench.data import join_base_model
 
     return str(join_base_model())
 

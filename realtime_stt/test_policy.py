@@ -1,27 +1,11 @@
-"""Pure parts of main.py, tested with plain values: the streaming policy, settings, origins, audio buffer,
-the order in which inference workers take jobs."""
+"""The streaming policy with plain values: LocalAgreement, the language guess, the guards."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from main import (
-    PRIORITY_FINAL,
-    PRIORITY_PARTIAL,
-    PRIORITY_SPECULATIVE,
-    AudioBuffer,
-    Job,
-    LanguageGuess,
-    LocalAgreement,
-    Settings,
-    SettingsError,
-    Word,
-    next_job,
-    origin_allowed,
-    repetition_start,
-    without_rereading,
-)
+from realtime_stt.policy import LanguageGuess, LocalAgreement, repetition_start, without_rereading
+from realtime_stt.words import Word
 
 
 def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:
@@ -202,93 +186,3 @@ def test_an_unsure_language_is_settled_on_the_most_evidence_after_enough_speech(
     assert not quiet.settled
     quiet.observe("de", 0.3, 0.5, window_full=True)
     assert quiet.settled and quiet.language == "de"
-
-
-def test_settings_come_from_the_environment_with_the_seed_defaults():
-    assert Settings.from_env({}) == Settings()
-    default = Settings()
-    assert (default.model_id, default.device, default.compute_type) == ("large-v3-turbo", "auto", "int8_float32")
-    assert (default.partial_every_ms, default.window_seconds) == (500, 6.0)
-    custom = Settings.from_env({"PARTIAL_EVERY_MS": "250", "ALLOWED_ORIGINS": "https://app.example/, localhost"})
-    assert custom.partial_every_ms == 250
-    assert custom.allowed_origins == ("https://app.example", "localhost")
-    assert Settings.from_env({"TRIM_ENCODER_INPUT": "false"}).trim_encoder_input is False
-    assert Settings.from_env({"FINAL_MODE": "tail"}).final_mode == "tail"
-    for name, value in [("TRIM_ENCODER_INPUT", "maybe"), ("FINAL_MODE", "best"), ("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0")]:
-        with pytest.raises(SettingsError, match=name):
-            Settings.from_env({name: value})
-
-
-def test_origins():
-    local = Settings().allowed_origins
-    assert origin_allowed(None, "127.0.0.1:8717", local)  # not a browser
-    assert origin_allowed("http://localhost:5173", "127.0.0.1:8717", local)
-    assert origin_allowed("http://[::1]:8717", "[::1]:8717", local)
-    assert origin_allowed("http://box.lan:8717", "box.lan:8717", local)  # the server's own page
-    assert not origin_allowed("https://evil.example", "127.0.0.1:8717", local)
-    assert not origin_allowed("http://localhost.evil.example", "127.0.0.1:8717", local)
-    assert not origin_allowed("null", "127.0.0.1:8717", local)
-    assert origin_allowed("https://app.example", "x", ("https://app.example",))
-    assert not origin_allowed("http://app.example", "x", ("https://app.example",))
-    assert origin_allowed("https://anything", "x", ("*",))
-
-
-def test_audio_buffer_keeps_chunks_and_trims_whole_ones_from_the_front():
-    buffer = AudioBuffer()
-    for value in range(4):
-        buffer.append(np.full(100, value * 1000, dtype=np.int16))
-    assert buffer.end == 400
-    buffer.trim(250)
-    assert buffer.start == 200  # the chunk holding sample 250 stays
-    tail = buffer.since(250)
-    assert tail.size == 150 and tail[0] == pytest.approx(2000 / 32768)
-
-
-def test_speech_activity_tracks_the_last_speech_frame():
-    from main import VAD_FRAME, SpeechActivity
-
-    speech = SpeechActivity(threshold=0.5)
-    assert not speech.heard() and speech.trailing_silence() == 0.0
-    speech.add(np.array([0.1, 0.2], dtype=np.float32))
-    assert not speech.heard() and speech.silent_since(0)
-    speech.add(np.array([0.9, 0.6, 0.3, 0.1, 0.2], dtype=np.float32))  # speech in frames 2 and 3
-    assert speech.heard() and speech.scored_until == 7 * VAD_FRAME
-    assert speech.trailing_silence() == pytest.approx(3 * VAD_FRAME / 16000)
-    assert speech.silent_since(4 * VAD_FRAME) and not speech.silent_since(4 * VAD_FRAME - 1)
-    speech.add(np.array([0.5], dtype=np.float32))  # the threshold itself counts as speech
-    assert speech.trailing_silence() == 0.0 and not speech.silent_since(7 * VAD_FRAME)
-
-
-def job(priority: int, seq: int) -> Job:
-    return Job(priority, seq, np.zeros(0, dtype=np.float32), None, lambda: False, None)
-
-
-def test_workers_take_finals_then_partials_then_speculation_oldest_first():
-    speculative, partial, newer_partial, final = (
-        job(PRIORITY_SPECULATIVE, 0), job(PRIORITY_PARTIAL, 2), job(PRIORITY_PARTIAL, 3), job(PRIORITY_FINAL, 4)
-    )
-    queue = [speculative, newer_partial, final, partial]
-    assert next_job(queue, finals_only=False, final_ran=False) is final
-    assert next_job([speculative, newer_partial, partial], finals_only=False, final_ran=False) is partial
-    assert next_job([speculative], finals_only=False, final_ran=False) is speculative
-    assert next_job([], finals_only=False, final_ran=False) is None
-
-
-def test_after_a_final_a_waiting_partial_goes_before_the_next_final():
-    final, partial = job(PRIORITY_FINAL, 1), job(PRIORITY_PARTIAL, 2)
-    assert next_job([final, partial], finals_only=False, final_ran=True) is partial
-    assert next_job([final], finals_only=False, final_ran=True) is final
-
-
-def test_the_finals_worker_takes_no_partials():
-    partial, speculative, final = job(PRIORITY_PARTIAL, 1), job(PRIORITY_SPECULATIVE, 2), job(PRIORITY_FINAL, 3)
-    assert next_job([partial], finals_only=True, final_ran=False) is None
-    assert next_job([partial, speculative], finals_only=True, final_ran=False) is speculative
-    assert next_job([partial, final], finals_only=True, final_ran=True) is final
-
-
-def test_inference_workers_setting():
-    assert Settings.from_env({}).inference_workers is None  # chosen from the device and threads
-    assert Settings.from_env({"INFERENCE_WORKERS": "3"}).inference_workers == 3
-    with pytest.raises(SettingsError, match="INFERENCE_WORKERS"):
-        Settings.from_env({"INFERENCE_WORKERS": "0"})

@@ -1,0 +1,242 @@
+"""The engine: one shared model, one queue of decodes, and the inference workers that take from it.
+
+Finals go before partials and partials before speculation; the partials that are due from all
+sessions run as one batch; a job its requester no longer wants is dropped unrun. Decodes run in
+worker threads (decoder.py), so the event loop keeps serving every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from realtime_stt.decoder import DecodeOptions, Decoder, Transcript
+from realtime_stt.settings import Settings
+
+PRIORITY_FINAL = 0
+PRIORITY_PARTIAL = 1
+PRIORITY_SPECULATIVE = 2  # a final decoded ahead of the stop, with time nobody else wants
+LOAD_WINDOW_SECONDS = 3.0
+SPECULATE_MAX_LOAD = 0.6
+BATCH_GATHER_SECONDS = 0.01
+
+
+@dataclass(order=True)
+class Job:
+    priority: int
+    seq: int
+    audio: np.ndarray = field(compare=False)
+    options: DecodeOptions = field(compare=False)
+    is_stale: Callable[[], bool] = field(compare=False)
+    future: asyncio.Future[Transcript | None] = field(compare=False)
+    requester: object = field(default=None, compare=False)  # the session that asked
+    started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
+
+
+class Engine:
+    """The shared model and its inference workers, which take finals before partials.
+
+    The partials that are due from all sessions run as one batch. On CPU two workers, each with
+    half the threads, run two model calls side by side: Whisper's decoder steps are too small to
+    gain from more threads, so two calls at once nearly double the throughput (README), and with
+    the last worker taking only finals a final need not wait for a partial batch. A job whose
+    requester no longer wants it (a partial overtaken by the final, a client that left) is dropped
+    when its turn comes, not run.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        """Loads the model (blocking: call it in a worker thread); ModelLoadError if it cannot."""
+        self.settings = settings
+        self.decoder = Decoder(settings)
+        self.device, self.workers = self.decoder.device, self.decoder.workers
+        self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
+        self.can_translate = self.decoder.can_translate
+        self.stats = {
+            "decodes": 0,
+            "batches": 0,
+            "largest_batch": 0,
+            "stale_dropped": 0,
+            "decodes_skipped": 0,  # partials resent unchanged because only silence came since
+            "speculative_runs": 0,  # finals decoded during a pause, ahead of the stop
+            "speculative_finals": 0,  # ... of which the stop used
+            "skipped_speech_decodes": 0,  # finals that stopped reading early, and were read on
+        }
+        self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
+        self._queued = asyncio.Event()
+        self._seq = itertools.count()
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
+        self._running: dict[object, float] = {}  # model calls under way -> when they started
+        self._partial_asked: dict[object, float] = {}  # requester -> when it last asked for a partial
+
+    async def start(self) -> None:
+        # With two or more workers the last one takes no partials, so that a final need not wait for
+        # a partial batch to end, and partials batch as fully as they can on the others.
+        self._workers = [
+            asyncio.create_task(self._work(finals_only=0 < index == self.workers - 1), name=f"inference-worker-{index}")
+            for index in range(self.workers)
+        ]
+
+    async def close(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        *,
+        priority: int,
+        is_stale: Callable[[], bool] = lambda: False,
+        requester: object = None,
+    ) -> Transcript | None:
+        """Queue a decode; None when the job went stale before its turn."""
+        return await self.submit(audio, options, priority=priority, is_stale=is_stale, requester=requester).future
+
+    def submit(
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        *,
+        priority: int,
+        is_stale: Callable[[], bool],
+        requester: object = None,
+    ) -> Job:
+        """Queue a decode and return at once; its future gives the transcript, or None if it went stale."""
+        loop = asyncio.get_running_loop()
+        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester)
+        if priority == PRIORITY_PARTIAL:
+            self._streaming(since=loop.time() - LOAD_WINDOW_SECONDS)
+            self._partial_asked[requester] = loop.time()
+        self._queue.append(job)
+        self._queued.set()
+        return job
+
+    def has_time_for(self, requester: object) -> bool:
+        """Whether a speculative decode for ``requester`` would take time nobody else wants: the
+        model mostly idle, and no other session streaming (one whole-utterance decode would hold up
+        every other speaker's partials, and under load most such runs go unused)."""
+        streaming = self._streaming(since=asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS)
+        return not streaming - {requester} and self.load() <= SPECULATE_MAX_LOAD
+
+    def _streaming(self, *, since: float) -> set[object]:
+        """The requesters that asked for a partial since then; the others are forgotten."""
+        for requester, asked in list(self._partial_asked.items()):
+            if asked < since:
+                del self._partial_asked[requester]
+        return set(self._partial_asked)
+
+    def load(self) -> float:
+        """The share of the workers' last few seconds spent on model calls: speculation only uses spare time."""
+        now = asyncio.get_running_loop().time()
+        since = now - LOAD_WINDOW_SECONDS
+        while self._busy and self._busy[0][1] < since:
+            self._busy.popleft()
+        busy = sum(end - max(start, since) for start, end in self._busy)
+        busy += sum(now - max(start, since) for start in self._running.values())
+        return busy / (LOAD_WINDOW_SECONDS * self.workers)
+
+    async def _work(self, *, finals_only: bool) -> None:
+        """One worker: takes the next job (partials in batches) and runs it, until cancelled."""
+        final_ran = False
+        while True:
+            first = self._take_next(finals_only=finals_only, final_ran=final_ran)
+            if first is None:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            batch = self._live([first])
+            if batch and _batchable(batch[0]):
+                # The sessions that shared the last batch come back within a few ms of each other.
+                await asyncio.sleep(BATCH_GATHER_SECONDS)
+                batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
+            if batch:
+                final_ran = batch[0].priority == PRIORITY_FINAL
+                await self._run(batch)
+
+    def _take_next(self, *, finals_only: bool, final_ran: bool) -> Job | None:
+        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran)
+        if job is not None:
+            self._queue.remove(job)
+        return job
+
+    async def _run(self, batch: list[Job]) -> None:
+        self.stats["decodes"] += len(batch)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        for job in batch:
+            job.started = True
+            self.stats["speculative_runs"] += job.priority == PRIORITY_SPECULATIVE
+        loop = asyncio.get_running_loop()
+        token = object()
+        self._running[token] = start = loop.time()
+        try:
+            if _batchable(batch[0]):
+                results = await asyncio.to_thread(self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch])
+            else:
+                results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options)]
+        except Exception as exc:  # handed to the sessions that asked, which report it
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            for job, result in zip(batch, results):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            del self._running[token]
+            self._busy.append((start, loop.time()))
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still wanted; the others are answered None without running."""
+        live = []
+        for job in jobs:
+            if job.future.done():
+                continue
+            if job.is_stale() or job.priority == PRIORITY_SPECULATIVE and not self.has_time_for(job.requester):
+                self.stats["stale_dropped"] += 1
+                job.future.set_result(None)
+            else:
+                live.append(job)
+        return live
+
+    def _take_compatible(self, first: Job, limit: int) -> list[Job]:
+        """Queued partials, oldest first, that can share ``first``'s batch."""
+        key = _batch_key(first.options)
+        taken = sorted(job for job in self._queue if _batchable(job) and _batch_key(job.options) == key)[:limit]
+        for job in taken:
+            self._queue.remove(job)
+        return taken
+
+
+def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool) -> Job | None:
+    """The job a worker takes next: finals, then partials, then speculation, oldest first.
+
+    A worker that just ran a final takes a waiting partial before the next final: a burst of finals
+    would stall every other speaker's partials, and one batch delays a final little. A finals-only
+    worker takes no partials.
+    """
+    jobs = [job for job in queue if not (finals_only and job.priority == PRIORITY_PARTIAL)]
+    if not jobs:
+        return None
+    job = min(jobs)
+    if job.priority == PRIORITY_FINAL and final_ran:
+        job = min((j for j in jobs if j.priority == PRIORITY_PARTIAL), default=job)
+    return job
+
+
+def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
+    """Partials batch across languages (each row has its own language token, or detects one)."""
+    return (options.task, options.beam_size, options.encoder)
+
+
+def _batchable(job: Job) -> bool:
+    """Partials batch; finals (long audio, temperature fallback) run alone."""
+    return job.priority == PRIORITY_PARTIAL

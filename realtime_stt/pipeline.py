@@ -1,0 +1,427 @@
+"""The utterance pipeline: one speaker's audio in, partials while they talk and a final when they
+stop. It knows nothing of WebSockets or JSON: a protocol adapter feeds it bytes, takes its partials
+through a callback and asks it for the final.
+
+Per utterance: the audio buffer, speech activity (VAD as the audio arrives), the language guess,
+the streaming policy (LocalAgreement over a sliding window), partials on the shared clock grid, a
+final decoded ahead of the stop during a pause (speculation), and the final itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from realtime_stt.decoder import PARTIAL_ENCODER, DecodeOptions, Transcript, token_budget
+from realtime_stt.engine import PRIORITY_FINAL, PRIORITY_PARTIAL, PRIORITY_SPECULATIVE, Engine, Job
+from realtime_stt.policy import LanguageGuess, LocalAgreement, repeated_head, repetition_start, without_rereading
+from realtime_stt.settings import SAMPLE_RATE, Settings
+from realtime_stt.vad import VAD_FRAME, SpeechActivity, VadState, speech_probabilities
+from realtime_stt.words import Word, join_words, shift
+
+
+class OptionsError(ValueError):
+    """A choice of the speaker's that this model or this moment cannot serve; the message says why."""
+
+
+class UtteranceTooLong(Exception):
+    """The utterance passed MAX_UTTERANCE_SECONDS."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What the speaker chose for their utterances."""
+
+    language: str | None = None  # None: detect it
+    task: str = "transcribe"
+    beam_size: int = 1
+
+
+@dataclass(frozen=True)
+class Partial:
+    committed: str  # only ever grows within an utterance
+    tentative: str  # the rest of the latest decode, worth showing
+    language: str | None  # None until the language is settled (and then nothing is shown)
+
+    @property
+    def text(self) -> str:
+        return " ".join(t for t in (self.committed, self.tentative) if t)
+
+
+@dataclass(frozen=True)
+class Final:
+    text: str
+    language: str | None
+    duration_s: float
+
+
+class AudioBuffer:
+    """Utterance audio as a list of int16 chunks, trimmed from the front, concatenated on demand."""
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self.start = 0  # sample index (from the utterance start) of the first sample kept
+        self.end = 0  # samples received so far
+
+    def append(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self._chunks.append(samples)
+            self.end += samples.size
+
+    def since(self, sample: int) -> np.ndarray:
+        """float32 audio from ``sample`` (clamped to what is kept) to the end."""
+        skip, first = max(0, sample - self.start), 0
+        while first < len(self._chunks) and skip >= self._chunks[first].size:
+            skip -= self._chunks[first].size
+            first += 1
+        if first == len(self._chunks):
+            return np.zeros(0, dtype=np.float32)
+        audio = np.concatenate(self._chunks[first:])[skip:]
+        return audio.astype(np.float32) / 32768.0
+
+    def trim(self, sample: int) -> None:
+        """Drop whole chunks that end before ``sample``."""
+        while self._chunks and self.start + self._chunks[0].size <= sample:
+            self.start += self._chunks.pop(0).size
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A whole-utterance final decoded during a pause, for a stop that comes before more speech."""
+
+    end: int  # samples it decoded; it stands while nothing after them is speech
+    job: Job
+
+
+@dataclass
+class Utterance:
+    policy: LocalAgreement
+    audio: AudioBuffer = field(default_factory=AudioBuffer)
+    speech: SpeechActivity = field(default_factory=SpeechActivity)
+    decoded_until: int = 0  # samples covered by the last partial decode
+    settled: bool = False  # the last partial decode came after the speaker had stopped
+    speculation: Speculation | None = None
+    language: LanguageGuess = field(default_factory=LanguageGuess)
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.end / SAMPLE_RATE
+
+    @property
+    def window_start(self) -> int:
+        return int(self.policy.window_start * SAMPLE_RATE)
+
+
+class Pipeline:
+    """One speaker's stream of utterances on the shared engine.
+
+    ``run`` holds the partial-maker and the speech watcher under one TaskGroup until cancelled;
+    ``feed`` takes audio, ``finish`` ends the utterance with its final, and the socket (or whatever
+    fed it) is then ready for the next one.
+    """
+
+    MIN_PARTIAL_SECONDS = 0.3
+    # A pause this long, with the model mostly idle, starts the final's decode before the stop: a
+    # push-to-talk user lets go a few hundred ms after the last word, and if nothing more is said
+    # the final is ready, or under way, when the stop comes.
+    SPECULATE_AFTER_SILENCE = 0.2
+    # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: the
+    # committed words plus the tail lose words LocalAgreement dropped early. FINAL_MODE=auto does so
+    # up to one Whisper window and keeps the tail beyond, bounding the final's cost; tail always
+    # does. No silence is padded after the last sample: it raised the final WER (README).
+    FULL_FINAL_SECONDS = 30.0
+    # Greedy Whisper sometimes ends a window's decode early and seeks past the speech after it.
+    # Speech heard this long after the final's last word is decoded once more and added; Whisper's
+    # segment ends can be a second early, and a shorter gap would decode the last words again.
+    SKIPPED_SPEECH_SECONDS = 3.0
+    # Without timestamps, greedy Whisper ends its output at a pause of half a second or more. Such a
+    # final's words are aligned to the audio; where the partials committed words ending more than
+    # this after its last one, and the VAD heard speech this long after it, that audio is decoded
+    # again, so what follows a pause is not lost. Tentative words are not enough evidence: a tail
+    # decode after them can add words of its own.
+    SKIPPED_SPEECH_HEARD_SECONDS = 1.0
+
+    def __init__(self, engine: Engine, settings: Settings, publish: Callable[[Partial], Awaitable[None]]) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.options = StreamOptions(language=None if engine.multilingual else "en")
+        self.utterance = self._new_utterance()
+        self._publish = publish
+        self._odd_byte = b""
+        self._finalizing = False
+        self._closed = False
+        self._audio_arrived = asyncio.Event()
+        self._audio_to_score = asyncio.Event()
+        self._scoring = asyncio.Lock()
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._make_partials())
+                tasks.create_task(self._watch_speech())
+        finally:
+            self._closed = True
+
+    def feed(self, data: bytes) -> None:
+        """Take int16 little-endian PCM; a chunk may end in the middle of a sample."""
+        data = self._odd_byte + data
+        usable = len(data) - len(data) % 2
+        self._odd_byte = data[usable:]
+        samples = np.frombuffer(data[:usable], dtype="<i2")
+        if (self.utterance.audio.end + samples.size) / SAMPLE_RATE > self.settings.max_utterance_seconds:
+            raise UtteranceTooLong
+        self.utterance.audio.append(samples)
+        self._audio_arrived.set()
+        self._audio_to_score.set()
+
+    def configure(self, changes: Mapping[str, Any]) -> None:
+        """Take the speaker's choices (language, task, beam_size) for the next utterance; the ones
+        not named keep their value. OptionsError says why one cannot be taken."""
+        if self.utterance.audio.end:
+            raise OptionsError("config must come before the audio of an utterance; it was ignored")
+        changes = dict(changes)
+        if "language" in changes:
+            changes["language"] = self._language(changes["language"])
+        if changes.get("task") == "translate" and not self.engine.can_translate:
+            raise OptionsError(
+                f"model {self.settings.model_id!r} cannot translate: "
+                + ("it is English-only" if not self.engine.multilingual else "it was not trained for translation")
+                + "; use task 'transcribe' or a model such as large-v3"
+            )
+        self.options = replace(self.options, **changes)
+        self.utterance = self._new_utterance()  # no audio yet: it starts under the new options
+
+    def _language(self, given: str | None) -> str | None:
+        """A language code the model knows, or None to detect it ('auto', empty or None)."""
+        language = (given or "").strip().lower()
+        if language in ("", "auto"):
+            return None if self.engine.multilingual else "en"
+        if language not in self.engine.languages:
+            known = ", ".join(self.engine.languages)
+            raise OptionsError(f"unsupported language {language!r}; this model knows: {known}, or auto")
+        return language
+
+    def _new_utterance(self) -> Utterance:
+        language = self.options.language
+        return Utterance(LocalAgreement(self.settings.window_seconds), language=LanguageGuess(language, language is not None))
+
+    def _window_options(self, utterance: Utterance, seconds: float, *, final: bool) -> DecodeOptions:
+        return DecodeOptions(
+            language=utterance.language.language if utterance.language.settled else None,
+            task=self.options.task,
+            beam_size=self.options.beam_size,
+            prompt=utterance.policy.prompt(),
+            temperatures=(0.0, 0.2, 0.4, 0.6) if final else (0.0,),
+            max_new_tokens=token_budget(seconds),
+            encoder=None if final else PARTIAL_ENCODER,
+        )
+
+    async def _make_partials(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.partial_every_ms / 1000
+        earliest = 0.0
+        while True:
+            # Cadence, not polling: this waits only while new audio is pending.
+            await self._audio_arrived.wait()
+            # Every session ticks on one clock grid, so the partials that are due meet in the
+            # engine's queue at the same moment and run as one batch. Under load a decode outlasts
+            # the interval: the next one starts as soon as it returns, with the sessions that shared
+            # its batch, so cadence stretches to the batch's time instead of work queueing.
+            now = loop.time()
+            tick = max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
+            await asyncio.sleep(max(0.0, tick - loop.time()))
+            self._audio_arrived.clear()
+            # The next grid point, also after a late start: a session that kept the phase of its
+            # late start would meet the others' batches no more.
+            earliest = (math.floor(tick / interval + 1e-9) + 1) * interval
+            await self._partial()
+
+    async def _partial(self) -> None:
+        utterance = self.utterance
+        audio_end = utterance.audio.end
+        window_start = utterance.window_start
+        if self._finalizing or audio_end <= utterance.decoded_until:
+            return
+        if (audio_end - window_start) / SAMPLE_RATE < self.MIN_PARTIAL_SECONDS:
+            return
+        await self._score_speech(utterance)
+        quiet = utterance.speech.silent_since(utterance.decoded_until)
+        if quiet and utterance.settled:
+            # Nothing said since a decode that already came after the speaker stopped: the text
+            # cannot change, so the partial is sent again without a decode.
+            utterance.decoded_until = audio_end
+            self.engine.stats["decodes_skipped"] += 1
+            await self._publish(self._partial_of(utterance))
+            return
+        audio = utterance.audio.since(window_start)[: audio_end - window_start]
+        transcript = await self.engine.transcribe(
+            audio,
+            self._window_options(utterance, audio.size / SAMPLE_RATE, final=False),
+            priority=PRIORITY_PARTIAL,
+            is_stale=lambda: self._closed or self._finalizing or self.utterance is not utterance,
+            requester=self,
+        )
+        if transcript is None or self._finalizing or self.utterance is not utterance:
+            return  # overtaken by the final: a partial after it would be stale
+        utterance.decoded_until = audio_end
+        utterance.settled = quiet
+        guess = utterance.language
+        window_full = (audio_end - window_start) / SAMPLE_RATE >= self.settings.window_seconds
+        guess.observe(transcript.language, transcript.language_probability, transcript.speech_seconds, window_full=window_full)
+        policy = utterance.policy
+        # Words are committed only in the settled language, so a guess that is then revised leaves
+        # nothing behind; a hypothesis under the guess that is then settled on can agree at once.
+        settled = guess.settled and transcript.language == guess.language
+        policy.update(shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE, commit=settled or not transcript.words)
+        if not self._final_decodes_whole(utterance):
+            utterance.audio.trim(utterance.window_start)
+        await self._publish(self._partial_of(utterance))
+
+    @staticmethod
+    def _partial_of(utterance: Utterance) -> Partial:
+        """The policy's text as it stands; it changes only with a decode, so a skipped one resends it.
+        Before the language is settled nothing is shown: the words may be of a wrong guess."""
+        policy, guess = utterance.policy, utterance.language
+        shown = policy.shown_tentative() if guess.settled else []
+        return Partial(join_words(policy.committed), join_words(shown), guess.language if guess.settled else None)
+
+    # -- speech activity and the speculative final -------------------------------------------
+
+    async def _watch_speech(self) -> None:
+        while True:
+            await self._audio_to_score.wait()
+            self._audio_to_score.clear()
+            utterance = self.utterance
+            await self._score_speech(utterance)
+            self._maybe_speculate(utterance)
+
+    async def _score_speech(self, utterance: Utterance) -> None:
+        """Score the audio that arrived since the last call (in a worker thread; a few ms a second)."""
+        async with self._scoring:
+            speech, audio = utterance.speech, utterance.audio
+            if speech.scored_until < audio.start:
+                # Trimmed before it was scored (only a session whose final keeps the tail trims):
+                # count it as speech, the safe side, and score on from where the audio is kept.
+                speech.add(np.ones(-(-audio.start // VAD_FRAME) - speech.frames, dtype=np.float32))
+                speech.vad_state = VadState()
+            frames = audio.end // VAD_FRAME
+            if frames <= speech.frames:
+                return
+            samples = audio.since(speech.scored_until)[: (frames - speech.frames) * VAD_FRAME]
+            probabilities, speech.vad_state = await asyncio.to_thread(speech_probabilities, samples, speech.vad_state)
+            speech.add(probabilities)
+
+    def _maybe_speculate(self, utterance: Utterance) -> None:
+        speech = utterance.speech
+        if (
+            self._finalizing
+            or utterance is not self.utterance
+            or not self._final_decodes_whole(utterance)
+            or utterance.seconds > self.FULL_FINAL_SECONDS
+            or not speech.heard()
+            or speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE
+        ):
+            return
+        earlier = utterance.speculation
+        if earlier is not None and speech.silent_since(earlier.end):
+            return  # this pause already has one
+        if not self.engine.has_time_for(self):
+            return
+        end = speech.scored_until
+        job = self.engine.submit(
+            utterance.audio.since(0)[:end],
+            self._final_options(),
+            priority=PRIORITY_SPECULATIVE,
+            requester=self,
+            # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead.
+            is_stale=lambda: (
+                self._closed or self._finalizing or self.utterance is not utterance or not speech.silent_since(end)
+            ),
+        )
+        utterance.speculation = Speculation(end, job)
+
+    async def _speculated(self, utterance: Utterance) -> Transcript | None:
+        """The speculative final, if it is running or done and nothing was said after it."""
+        speculation = utterance.speculation
+        if speculation is None or not speculation.job.started:
+            return None
+        await self._score_speech(utterance)
+        # Less than a frame (32 ms) may be left unscored at the end: too short to hold a word.
+        if not utterance.speech.silent_since(speculation.end):
+            return None
+        transcript = await speculation.job.future
+        if transcript is not None:
+            self.engine.stats["speculative_finals"] += 1
+        return transcript
+
+    async def finish(self) -> Final:
+        """Decode what the speaker said; the pipeline is then ready for the next utterance."""
+        self._finalizing = True
+        utterance = self.utterance
+        try:
+            text, language = await self._final_text(utterance)
+            return Final(text, language, round(utterance.seconds, 3))
+        finally:
+            self.utterance = self._new_utterance()
+            self._odd_byte = b""
+            self._finalizing = False
+
+    def _final_options(self) -> DecodeOptions:
+        return DecodeOptions(
+            self.options.language,
+            self.options.task,
+            self.options.beam_size,
+            temperatures=(0.0, 0.2, 0.4, 0.6),
+            offline=True,
+        )
+
+    def _final_decodes_whole(self, utterance: Utterance) -> bool:
+        mode = self.settings.final_mode
+        return mode == "full" or (mode == "auto" and utterance.seconds <= self.FULL_FINAL_SECONDS)
+
+    async def _final_text(self, utterance: Utterance) -> tuple[str, str | None]:
+        if utterance.audio.end == 0:
+            return "", self.options.language
+        if self._final_decodes_whole(utterance):
+            transcript = await self._speculated(utterance)
+            if transcript is None:
+                transcript = await self.engine.transcribe(
+                    utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL
+                )
+            assert transcript is not None  # finals are never stale
+            words = [*transcript.words, *await self._skipped_speech(utterance, transcript)]
+            loop = repetition_start(words)
+            return join_words(words if loop is None else words[:loop]), transcript.language
+        # Tail: the committed words stand; only the window after them is decoded again.
+        window_start = utterance.window_start
+        audio = utterance.audio.since(window_start)
+        transcript = await self.engine.transcribe(
+            audio, self._window_options(utterance, audio.size / SAMPLE_RATE, final=True), priority=PRIORITY_FINAL
+        )
+        assert transcript is not None
+        words = utterance.policy.final(shift(transcript.words, window_start / SAMPLE_RATE))
+        return join_words(words), transcript.language
+
+    async def _skipped_speech(self, utterance: Utterance, transcript: Transcript) -> list[Word]:
+        """The words of speech that the final's decode skipped after its last word, if any."""
+        words = transcript.words
+        if not words:
+            return []  # the same audio would decode the same way
+        end, gap = words[-1].end, self.SKIPPED_SPEECH_SECONDS
+        committed = utterance.policy.committed
+        if transcript.aligned and committed and committed[-1].end - end > self.SKIPPED_SPEECH_HEARD_SECONDS:
+            gap = self.SKIPPED_SPEECH_HEARD_SECONDS
+        await self._score_speech(utterance)
+        if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):
+            return []
+        self.engine.stats["skipped_speech_decodes"] += 1
+        options = replace(self._final_options(), language=transcript.language, prompt=join_words(words)[-200:])
+        tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
+        assert tail is not None
+        added = shift(tail.words, end)
+        return without_rereading(words, added[repeated_head(words, added) :])

@@ -1,0 +1,84 @@
+"""Settings: everything a user can change, read once from environment variables of the same name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SAMPLE_RATE = 16_000  # the protocol's PCM and Whisper's input
+DEFAULT_ALLOWED_ORIGINS = ("localhost", "127.0.0.1", "[::1]")
+
+
+class SettingsError(ValueError):
+    """A setting from the environment has a value the server cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a user can change, read once from environment variables of the same name."""
+
+    model_id: str = "large-v3-turbo"
+    device: str = "auto"
+    compute_type: str = "int8_float32"
+    partial_every_ms: int = 500
+    window_seconds: float = 6.0
+    cpu_threads: int = os.cpu_count() or 1
+    inference_workers: int | None = None  # None: 2 on a CPU with 2 or more threads, else 1
+    max_sessions: int = 16
+    max_utterance_seconds: float = 600.0
+    final_mode: str = "full"
+    trim_encoder_input: bool = True
+    max_batch: int = 8
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        defaults = cls()
+        origins = env.get("ALLOWED_ORIGINS", "").strip()
+        return cls(
+            model_id=env.get("MODEL_ID", "").strip() or defaults.model_id,
+            device=_choice(env, "DEVICE", defaults.device, ("auto", "cpu", "cuda")),
+            compute_type=env.get("COMPUTE_TYPE", "").strip() or defaults.compute_type,
+            partial_every_ms=int(_number(env, "PARTIAL_EVERY_MS", defaults.partial_every_ms, 50, 10_000, int)),
+            window_seconds=_number(env, "WINDOW_SECONDS", defaults.window_seconds, 1.0, 30.0, float),
+            cpu_threads=int(_number(env, "CPU_THREADS", defaults.cpu_threads, 1, 256, int)),
+            inference_workers=(
+                int(_number(env, "INFERENCE_WORKERS", 1, 1, 64, int)) if env.get("INFERENCE_WORKERS", "").strip() else None
+            ),
+            max_sessions=int(_number(env, "MAX_SESSIONS", defaults.max_sessions, 1, 10_000, int)),
+            max_utterance_seconds=_number(
+                env, "MAX_UTTERANCE_SECONDS", defaults.max_utterance_seconds, 1.0, 7200.0, float
+            ),
+            final_mode=_choice(env, "FINAL_MODE", defaults.final_mode, ("auto", "tail", "full")),
+            trim_encoder_input=_choice(env, "TRIM_ENCODER_INPUT", "true", ("true", "false", "1", "0"))
+            in ("true", "1"),
+            max_batch=int(_number(env, "MAX_BATCH", defaults.max_batch, 1, 64, int)),
+            api_key=env.get("API_KEY") or None,
+            allowed_origins=(
+                tuple(o.strip().rstrip("/").lower() for o in origins.split(",") if o.strip())
+                if origins
+                else defaults.allowed_origins
+            ),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float, kind: type) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}; use a value from {lo:g} to {hi:g}")
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={raw!r} is out of range; use a value from {lo:g} to {hi:g}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in allowed:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(allowed)}")
+    return raw

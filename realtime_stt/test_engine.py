@@ -1,0 +1,35 @@
+"""The order in which inference workers take jobs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from realtime_stt.engine import PRIORITY_FINAL, PRIORITY_PARTIAL, PRIORITY_SPECULATIVE, Job, next_job
+
+
+def job(priority: int, seq: int) -> Job:
+    return Job(priority, seq, np.zeros(0, dtype=np.float32), None, lambda: False, None)
+
+
+def test_workers_take_finals_then_partials_then_speculation_oldest_first():
+    speculative, partial, newer_partial, final = (
+        job(PRIORITY_SPECULATIVE, 0), job(PRIORITY_PARTIAL, 2), job(PRIORITY_PARTIAL, 3), job(PRIORITY_FINAL, 4)
+    )
+    queue = [speculative, newer_partial, final, partial]
+    assert next_job(queue, finals_only=False, final_ran=False) is final
+    assert next_job([speculative, newer_partial, partial], finals_only=False, final_ran=False) is partial
+    assert next_job([speculative], finals_only=False, final_ran=False) is speculative
+    assert next_job([], finals_only=False, final_ran=False) is None
+
+
+def test_after_a_final_a_waiting_partial_goes_before_the_next_final():
+    final, partial = job(PRIORITY_FINAL, 1), job(PRIORITY_PARTIAL, 2)
+    assert next_job([final, partial], finals_only=False, final_ran=True) is partial
+    assert next_job([final], finals_only=False, final_ran=True) is final
+
+
+def test_the_finals_worker_takes_no_partials():
+    partial, speculative, final = job(PRIORITY_PARTIAL, 1), job(PRIORITY_SPECULATIVE, 2), job(PRIORITY_FINAL, 3)
+    assert next_job([partial], finals_only=True, final_ran=False) is None
+    assert next_job([partial, speculative], finals_only=True, final_ran=False) is speculative
+    assert next_job([partial, final], finals_only=True, final_ran=True) is final

@@ -1,0 +1,43 @@
+"""The package's layout holds: imports point one way, and nothing imports the app."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+# Each module and the package modules it may import: protocol -> pipeline -> engine, policy, VAD -> settings.
+ALLOWED = {
+    "app": {"protocol", "engine", "decoder", "settings"},
+    "protocol": {"pipeline", "engine", "settings"},
+    "pipeline": {"engine", "decoder", "policy", "vad", "settings", "words"},
+    "engine": {"decoder", "settings"},
+    "decoder": {"vad", "settings", "words"},
+    "policy": {"words"},
+    "vad": {"settings"},
+    "words": set(),
+    "settings": set(),
+}
+
+
+def package_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("realtime_stt."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("realtime_stt."))
+    return names
+
+
+def test_imports_point_one_way():
+    modules = {p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith(("test_", "__"))}
+    assert modules == set(ALLOWED), "a module was added or removed: place it in ALLOWED"
+    for module in modules:
+        assert package_imports(PACKAGE / f"{module}.py") <= ALLOWED[module], module
+
+
+def test_main_is_the_map_and_the_app():
+    tree = ast.parse((PACKAGE.parent / "main.py").read_text())
+    assert ast.get_docstring(tree) and all(m in ast.get_docstring(tree) for m in ALLOWED)
+    assert [ast.unparse(node) for node in tree.body[1:]] == ["from realtime_stt.app import create_app", "app = create_app()"]

@@ -1,0 +1,29 @@
+"""Settings from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from realtime_stt.settings import Settings, SettingsError
+
+
+def test_settings_come_from_the_environment_with_the_seed_defaults():
+    assert Settings.from_env({}) == Settings()
+    default = Settings()
+    assert (default.model_id, default.device, default.compute_type) == ("large-v3-turbo", "auto", "int8_float32")
+    assert (default.partial_every_ms, default.window_seconds) == (500, 6.0)
+    custom = Settings.from_env({"PARTIAL_EVERY_MS": "250", "ALLOWED_ORIGINS": "https://app.example/, localhost"})
+    assert custom.partial_every_ms == 250
+    assert custom.allowed_origins == ("https://app.example", "localhost")
+    assert Settings.from_env({"TRIM_ENCODER_INPUT": "false"}).trim_encoder_input is False
+    assert Settings.from_env({"FINAL_MODE": "tail"}).final_mode == "tail"
+    for name, value in [("TRIM_ENCODER_INPUT", "maybe"), ("FINAL_MODE", "best"), ("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0")]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_inference_workers_setting():
+    assert Settings.from_env({}).inference_workers is None  # chosen from the device and threads
+    assert Settings.from_env({"INFERENCE_WORKERS": "3"}).inference_workers == 3
+    with pytest.raises(SettingsError, match="INFERENCE_WORKERS"):
+        Settings.from_env({"INFERENCE_WORKERS": "0"})
