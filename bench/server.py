@@ -1,0 +1,83 @@
+"""A real server for the benchmark: `uvicorn main:app` on 127.0.0.1, its CPU time and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.data import ROOT
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    peak_rss: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
+    def watch_memory(self) -> None:
+        import psutil
+
+        process = psutil.Process(self.process.pid)
+        while not self._stop.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+
+
+@contextlib.contextmanager
+def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "MODEL_ID": model_id, "MAX_SESSIONS": "256", **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"127.0.0.1:{port}", process)
+    watcher = threading.Thread(target=server.watch_memory, daemon=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"server exited ({process.returncode}); see {log}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://{server.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"server not ready in 300 s; see {log}")
+            time.sleep(0.2)
+        watcher.start()
+        yield server
+    finally:
+        server._stop.set()
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def health(server: Server) -> dict:
+    with urllib.request.urlopen(f"http://{server.url}/health", timeout=5) as response:
+        return json.loads(response.read())
