@@ -6,10 +6,12 @@ messages come while audio arrives and a ``final`` after the stop (README: the pr
 
 The code, in ``realtime_stt/``, one module per concern; imports point down this list only:
 
-- ``app``        the FastAPI app: loads the model in its lifespan, ``/health``, the page at ``/``,
-                 ``/ws`` behind the API key and the allowed origins, the session count.
-- ``protocol``   the seed WebSocket protocol (JSON messages, validation, close codes): a thin
-                 adapter that feeds a pipeline and sends what it gives back.
+- ``app``        the FastAPI app: loads the model in its lifespan, ``/health``, ``/metrics``, the
+                 page at ``/``, ``/ws`` behind the API key and the allowed origins, the sessions
+                 open, and the drain on SIGTERM/SIGINT that sends every final before a restart.
+- ``protocol``   the seed WebSocket protocol (JSON messages, validation, close codes, idle and
+                 slow-reader limits): a thin adapter that feeds a pipeline and sends what it gives
+                 back, the newest partial only when the client reads slowly.
 - ``pipeline``   one speaker's utterances, with no knowledge of sockets or JSON: the audio buffer,
                  partials on a shared clock grid, the speculative final, the final and its
                  read-on after a skipped stretch.
@@ -20,6 +22,7 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a
                  detected language is settled, guards against loops and re-read words.
 - ``vad``        Silero speech activity, scored as the audio arrives.
+- ``metrics``    every counter the server keeps, as Prometheus metrics (``/health`` reads them too).
 - ``words``, ``settings``   the Word type and the environment's settings, used by all the above.
 
 How audio becomes text: a binary frame reaches ``protocol``, which hands it to ``pipeline.feed``.

@@ -1,28 +1,81 @@
-"""The app: the model loaded once in the lifespan, /health, the page at /, and /ws behind the API
-key and the allowed origins."""
+"""The app: the model loaded once in the lifespan, /health, /metrics, the page at /, and /ws behind
+the API key and the allowed origins; on SIGTERM or SIGINT, a drain that sends every final before
+uvicorn shuts down."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+import signal
+import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from realtime_stt.decoder import ModelLoadError
 from realtime_stt.engine import Engine
-from realtime_stt.protocol import CLOSE_INTERNAL, CLOSE_POLICY, CLOSE_TRY_AGAIN, WebSocketSession
+from realtime_stt.metrics import Metrics
+from realtime_stt.protocol import (
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
+    WebSocketSession,
+    close_reason,
+)
 from realtime_stt.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class Service:
+    """The app's live state, one owner for each piece: the engine once loaded, the sessions open,
+    and whether the server is draining for a restart."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    sessions: set[WebSocketSession] = field(default_factory=set)
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.no_sessions.set()
+        self.metrics.sessions_open.set_function(lambda: len(self.sessions))
+
+    def refusal(self) -> tuple[str, str] | None:
+        """Why a new socket cannot be served now (metric label, close reason), if it cannot."""
+        if self.draining.is_set():
+            return "draining", "server restarting; try again in a moment"
+        if self.engine is None:
+            return "loading", "model is still loading; try again shortly"
+        if len(self.sessions) >= self.settings.max_sessions:
+            return "busy", f"server busy: MAX_SESSIONS={self.settings.max_sessions} reached; try again later"
+        return None
+
+    @contextlib.contextmanager
+    def serving(self, session: WebSocketSession):
+        self.sessions.add(session)
+        self.no_sessions.clear()
+        try:
+            yield
+        finally:
+            self.sessions.discard(session)
+            if not self.sessions:
+                self.no_sessions.set()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,10 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except SettingsError as exc:
             raise SystemExit(f"error: {exc}") from None
     app = FastAPI(title="Realtime speech-to-text", lifespan=_lifespan)
-    app.state.settings = settings
-    app.state.engine = None
-    app.state.sessions = 0
+    app.state.service = Service(settings)
     app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.add_api_websocket_route("/ws", _transcribe)
@@ -45,46 +97,105 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
+    service: Service = app.state.service
+    settings = service.settings
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     logger.info("loading model %s (device=%s, compute_type=%s)", settings.model_id, settings.device, settings.compute_type)
     try:
-        engine = await asyncio.to_thread(Engine, settings)
+        engine = await asyncio.to_thread(Engine, settings, service.metrics)
     except ModelLoadError as exc:
         logger.error("%s", exc)
         raise
     await asyncio.to_thread(engine.decoder.warm_up)
     await engine.start()
-    app.state.engine = engine
+    service.engine = engine
     logger.info("model ready on %s; languages: %d", engine.device, len(engine.languages))
+    restore = _drain_on_signals(service)
     try:
         yield
     finally:
-        app.state.engine = None
+        restore()
+        service.engine = None
         await engine.close()
 
 
+def _drain_on_signals(service: Service) -> Callable[[], None]:
+    """Take SIGTERM and SIGINT from uvicorn, drain, then hand the signal to uvicorn's own handler
+    (which shuts down and exits with the signal's status). A second signal hands over at once.
+    Returns what puts uvicorn's handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals reach only the main thread: nothing to take over
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in DRAIN_SIGNALS}
+    draining: set[asyncio.Task[None]] = set()
+
+    def hand_over(sig: int, frame: Any) -> None:
+        handler = previous[sig]
+        if callable(handler):
+            handler(sig, frame)
+        else:  # no server of ours installed one: end as the signal would have ended us
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    async def drain(sig: int, frame: Any) -> None:
+        service.draining.set()
+        logger.info("draining for a restart: %d session(s) get their finals, then 1012", len(service.sessions))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(service.settings.drain_seconds):
+                await service.no_sessions.wait()
+        if service.sessions:
+            logger.warning("DRAIN_SECONDS=%g passed with %d session(s) open", service.settings.drain_seconds, len(service.sessions))
+        hand_over(sig, frame)
+
+    def on_signal(sig: int, frame: Any) -> None:
+        if service.draining.is_set():
+            hand_over(sig, frame)
+            return
+
+        def start() -> None:
+            task = loop.create_task(drain(sig, frame))
+            draining.add(task)
+            task.add_done_callback(draining.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    for sig in DRAIN_SIGNALS:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 async def _health(request: Request) -> JSONResponse:
-    settings: Settings = request.app.state.settings
-    engine: Engine | None = request.app.state.engine
+    service: Service = request.app.state.service
+    settings, engine = service.settings, service.engine
     if engine is None:
         return JSONResponse({"status": "loading", "model": settings.model_id}, status_code=503)
-    return JSONResponse(
-        {
-            "status": "ok",
-            "model": settings.model_id,
-            "device": engine.device,
-            "compute_type": settings.compute_type,
-            "languages": list(engine.languages),
-            "can_translate": engine.can_translate,
-            "sessions": request.app.state.sessions,
-            "max_sessions": settings.max_sessions,
-            "inference_workers": engine.workers,
-            "partial_every_ms": settings.partial_every_ms,
-            "inference": engine.stats,
-        }
-    )
+    body = {
+        "status": "draining" if service.draining.is_set() else "ok",
+        "model": settings.model_id,
+        "device": engine.device,
+        "compute_type": settings.compute_type,
+        "languages": list(engine.languages),
+        "can_translate": engine.can_translate,
+        "sessions": len(service.sessions),
+        "max_sessions": settings.max_sessions,
+        "inference_workers": engine.workers,
+        "partial_every_ms": settings.partial_every_ms,
+        "inference": service.metrics.inference(),
+    }
+    return JSONResponse(body, status_code=503 if service.draining.is_set() else 200)
+
+
+async def _metrics(request: Request) -> Response:
+    service: Service = request.app.state.service
+    if not _key_given(request.headers.get("authorization"), request.query_params.get("token"), service.settings):
+        return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, status_code=401)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _index() -> FileResponse:
@@ -92,32 +203,30 @@ async def _index() -> FileResponse:
 
 
 async def _transcribe(ws: WebSocket) -> None:
-    state = ws.app.state
-    settings: Settings = state.settings
+    service: Service = ws.app.state.service
+    settings, metrics = service.settings, service.metrics
     # Accept first so that every refusal reaches the client as a close code with a reason.
     await ws.accept()
-    if (reason := _denied(ws, settings)) is not None:
-        await ws.close(code=CLOSE_POLICY, reason=reason)
+    if (denied := _denied(ws, settings)) is not None:
+        metrics.refusals.labels(denied[0]).inc()
+        await ws.close(code=CLOSE_POLICY, reason=close_reason(denied[1]))
         return
-    engine: Engine | None = state.engine
-    if engine is None:
-        await ws.close(code=CLOSE_TRY_AGAIN, reason="model is still loading; try again shortly")
+    if (refused := service.refusal()) is not None:
+        metrics.refusals.labels(refused[0]).inc()
+        await ws.close(code=CLOSE_TRY_AGAIN, reason=close_reason(refused[1]))
         return
-    if state.sessions >= settings.max_sessions:
-        reason = f"server busy: MAX_SESSIONS={settings.max_sessions} reached; try again later"
-        await ws.close(code=CLOSE_TRY_AGAIN, reason=reason)
-        return
-    state.sessions += 1
-    try:
-        await WebSocketSession(ws, engine, settings).run()
-    except Exception:
-        logger.exception("session failed")
+    assert service.engine is not None
+    session = WebSocketSession(ws, service.engine, settings, service.draining)
+    ending = "error"
+    with service.serving(session):
         try:
-            await ws.close(code=CLOSE_INTERNAL, reason="internal server error")
-        except (RuntimeError, OSError):
-            pass
-    finally:
-        state.sessions -= 1
+            ending = await session.run()
+        except Exception:
+            logger.exception("session failed")
+            with contextlib.suppress(RuntimeError, OSError):
+                await ws.close(code=CLOSE_INTERNAL, reason="internal server error")
+        finally:
+            metrics.sessions_ended.labels(ending).inc()
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
@@ -136,12 +245,19 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
     return f"{parts.scheme}://{parts.netloc}" in allowed or netloc_host in allowed
 
 
-def _denied(ws: WebSocket, settings: Settings) -> str | None:
+def _key_given(authorization: str | None, token: str | None, settings: Settings) -> bool:
+    """Whether the request carries API_KEY (always, when none is set)."""
+    if settings.api_key is None:
+        return True
+    header = authorization or ""
+    given = header[7:] if header.lower().startswith("bearer ") else token or ""
+    return secrets.compare_digest(given.encode(), settings.api_key.encode())
+
+
+def _denied(ws: WebSocket, settings: Settings) -> tuple[str, str] | None:
+    """Why this socket may not be served at all (metric label, close reason), if it may not."""
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), settings.allowed_origins):
-        return f"origin {ws.headers.get('origin')!r} is not allowed; add it to ALLOWED_ORIGINS"
-    if settings.api_key is not None:
-        header = ws.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ws.query_params.get("token", "")
-        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-            return "missing or wrong API key: send 'Authorization: Bearer <key>' or ?token=<key>"
+        return "origin", f"origin {ws.headers.get('origin')!r} is not allowed; add it to ALLOWED_ORIGINS"
+    if not _key_given(ws.headers.get("authorization"), ws.query_params.get("token"), settings):
+        return "auth", "missing or wrong API key: send 'Authorization: Bearer <key>' or ?token=<key>"
     return None

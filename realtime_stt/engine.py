@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from realtime_stt.decoder import DecodeOptions, Decoder, Transcript
+from realtime_stt.metrics import Metrics
 from realtime_stt.settings import Settings
 
 PRIORITY_FINAL = 0
 PRIORITY_PARTIAL = 1
 PRIORITY_SPECULATIVE = 2  # a final decoded ahead of the stop, with time nobody else wants
+KINDS = {PRIORITY_FINAL: "final", PRIORITY_PARTIAL: "partial", PRIORITY_SPECULATIVE: "speculative"}
 LOAD_WINDOW_SECONDS = 3.0
 SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.01
@@ -50,23 +52,15 @@ class Engine:
     when its turn comes, not run.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         """Loads the model (blocking: call it in a worker thread); ModelLoadError if it cannot."""
         self.settings = settings
+        self.metrics = metrics
         self.decoder = Decoder(settings)
         self.device, self.workers = self.decoder.device, self.decoder.workers
         self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
         self.can_translate = self.decoder.can_translate
-        self.stats = {
-            "decodes": 0,
-            "batches": 0,
-            "largest_batch": 0,
-            "stale_dropped": 0,
-            "decodes_skipped": 0,  # partials resent unchanged because only silence came since
-            "speculative_runs": 0,  # finals decoded during a pause, ahead of the stop
-            "speculative_finals": 0,  # ... of which the stop used
-            "skipped_speech_decodes": 0,  # finals that stopped reading early, and were read on
-        }
+        metrics.queue_depth.set_function(lambda: len(self._queue))
         self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
         self._queued = asyncio.Event()
         self._seq = itertools.count()
@@ -136,12 +130,17 @@ class Engine:
     def load(self) -> float:
         """The share of the workers' last few seconds spent on model calls: speculation only uses spare time."""
         now = asyncio.get_running_loop().time()
-        since = now - LOAD_WINDOW_SECONDS
-        while self._busy and self._busy[0][1] < since:
-            self._busy.popleft()
+        since = self._forget_busy(now)
         busy = sum(end - max(start, since) for start, end in self._busy)
         busy += sum(now - max(start, since) for start in self._running.values())
         return busy / (LOAD_WINDOW_SECONDS * self.workers)
+
+    def _forget_busy(self, now: float) -> float:
+        """Drop model calls that ended before the load window; the window's start."""
+        since = now - LOAD_WINDOW_SECONDS
+        while self._busy and self._busy[0][1] < since:
+            self._busy.popleft()
+        return since
 
     async def _work(self, *, finals_only: bool) -> None:
         """One worker: takes the next job (partials in batches) and runs it, until cancelled."""
@@ -168,12 +167,15 @@ class Engine:
         return job
 
     async def _run(self, batch: list[Job]) -> None:
-        self.stats["decodes"] += len(batch)
-        self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        metrics = self.metrics
+        metrics.batch_size.observe(len(batch))
+        if len(batch) > (metrics.registry.get_sample_value("stt_largest_batch") or 0):
+            metrics.largest_batch.set(len(batch))
+        kind = KINDS[batch[0].priority]
+        if batch[0].priority == PRIORITY_SPECULATIVE:
+            metrics.speculative_runs.inc()
         for job in batch:
             job.started = True
-            self.stats["speculative_runs"] += job.priority == PRIORITY_SPECULATIVE
         loop = asyncio.get_running_loop()
         token = object()
         self._running[token] = start = loop.time()
@@ -193,6 +195,8 @@ class Engine:
         finally:
             del self._running[token]
             self._busy.append((start, loop.time()))
+            self._forget_busy(loop.time())
+            metrics.model_seconds.labels(kind).observe(loop.time() - start)
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs still wanted; the others are answered None without running."""
@@ -201,7 +205,7 @@ class Engine:
             if job.future.done():
                 continue
             if job.is_stale() or job.priority == PRIORITY_SPECULATIVE and not self.has_time_for(job.requester):
-                self.stats["stale_dropped"] += 1
+                self.metrics.stale_dropped.inc()
                 job.future.set_result(None)
             else:
                 live.append(job)
