@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +48,7 @@ class Partial:
     committed: str  # only ever grows within an utterance
     tentative: str  # the rest of the latest decode, worth showing
     language: str | None  # None until the language is settled (and then nothing is shown)
+    audio_arrived: float = 0.0  # time.monotonic() when the newest audio it covers arrived
 
     @property
     def text(self) -> str:
@@ -104,6 +106,7 @@ class Utterance:
     audio: AudioBuffer = field(default_factory=AudioBuffer)
     speech: SpeechActivity = field(default_factory=SpeechActivity)
     decoded_until: int = 0  # samples covered by the last partial decode
+    arrived: float = 0.0  # time.monotonic() when the newest audio arrived
     settled: bool = False  # the last partial decode came after the speaker had stopped
     speculation: Speculation | None = None
     language: LanguageGuess = field(default_factory=LanguageGuess)
@@ -176,13 +179,20 @@ class Pipeline:
         if (self.utterance.audio.end + samples.size) / SAMPLE_RATE > self.settings.max_utterance_seconds:
             raise UtteranceTooLong
         self.utterance.audio.append(samples)
+        self.utterance.arrived = time.monotonic()
+        self.engine.metrics.audio_seconds.inc(samples.size / SAMPLE_RATE)
         self._audio_arrived.set()
         self._audio_to_score.set()
+
+    @property
+    def has_audio(self) -> bool:
+        """Whether an utterance is under way: audio came since the last final."""
+        return self.utterance.audio.end > 0
 
     def configure(self, changes: Mapping[str, Any]) -> None:
         """Take the speaker's choices (language, task, beam_size) for the next utterance; the ones
         not named keep their value. OptionsError says why one cannot be taken."""
-        if self.utterance.audio.end:
+        if self.has_audio:
             raise OptionsError("config must come before the audio of an utterance; it was ignored")
         changes = dict(changes)
         if "language" in changes:
@@ -203,7 +213,8 @@ class Pipeline:
             return None if self.engine.multilingual else "en"
         if language not in self.engine.languages:
             known = ", ".join(self.engine.languages)
-            raise OptionsError(f"unsupported language {language!r}; this model knows: {known}, or auto")
+            shown = repr(language) if len(language) <= 20 else repr(language[:17] + "...")
+            raise OptionsError(f"unsupported language {shown}; this model knows: {known}, or auto")
         return language
 
     def _new_utterance(self) -> Utterance:
@@ -243,20 +254,22 @@ class Pipeline:
 
     async def _partial(self) -> None:
         utterance = self.utterance
-        audio_end = utterance.audio.end
+        audio_end, arrived = utterance.audio.end, utterance.arrived
         window_start = utterance.window_start
         if self._finalizing or audio_end <= utterance.decoded_until:
             return
         if (audio_end - window_start) / SAMPLE_RATE < self.MIN_PARTIAL_SECONDS:
             return
         await self._score_speech(utterance)
+        if self._finalizing or self.utterance is not utterance:
+            return  # the stop came meanwhile: a partial now would follow its final
         quiet = utterance.speech.silent_since(utterance.decoded_until)
         if quiet and utterance.settled:
             # Nothing said since a decode that already came after the speaker stopped: the text
             # cannot change, so the partial is sent again without a decode.
             utterance.decoded_until = audio_end
-            self.engine.stats["decodes_skipped"] += 1
-            await self._publish(self._partial_of(utterance))
+            self.engine.metrics.decodes_skipped.inc()
+            await self._publish(self._partial_of(utterance, arrived))
             return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
         transcript = await self.engine.transcribe(
@@ -280,15 +293,15 @@ class Pipeline:
         policy.update(shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE, commit=settled or not transcript.words)
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
-        await self._publish(self._partial_of(utterance))
+        await self._publish(self._partial_of(utterance, arrived))
 
     @staticmethod
-    def _partial_of(utterance: Utterance) -> Partial:
+    def _partial_of(utterance: Utterance, arrived: float) -> Partial:
         """The policy's text as it stands; it changes only with a decode, so a skipped one resends it.
         Before the language is settled nothing is shown: the words may be of a wrong guess."""
         policy, guess = utterance.policy, utterance.language
         shown = policy.shown_tentative() if guess.settled else []
-        return Partial(join_words(policy.committed), join_words(shown), guess.language if guess.settled else None)
+        return Partial(join_words(policy.committed), join_words(shown), guess.language if guess.settled else None, arrived)
 
     # -- speech activity and the speculative final -------------------------------------------
 
@@ -356,7 +369,7 @@ class Pipeline:
             return None
         transcript = await speculation.job.future
         if transcript is not None:
-            self.engine.stats["speculative_finals"] += 1
+            self.engine.metrics.speculative_finals.inc()
         return transcript
 
     async def finish(self) -> Final:
@@ -419,7 +432,7 @@ class Pipeline:
         await self._score_speech(utterance)
         if utterance.speech.silent_since(int((end + gap) * SAMPLE_RATE)):
             return []
-        self.engine.stats["skipped_speech_decodes"] += 1
+        self.engine.metrics.skipped_speech_decodes.inc()
         options = replace(self._final_options(), language=transcript.language, prompt=join_words(words)[-200:])
         tail = await self.engine.transcribe(utterance.audio.since(int(end * SAMPLE_RATE)), options, priority=PRIORITY_FINAL)
         assert tail is not None

@@ -3,7 +3,8 @@
 Client to server: an optional JSON config, binary int16 PCM frames, ``{"type": "stop"}``. Server to
 client: ``partial`` and ``final`` messages, ``error`` for a message it cannot use, and close codes
 for what ends a session. Transport failures become ClientGone; a close the server decided on
-becomes SessionClosed, after the client was told why.
+becomes SessionClosed, after the client was told why. Either ends the session with a reason, the
+label it is counted under in ``stt_sessions_ended_total``.
 """
 
 from __future__ import annotations
@@ -11,29 +12,46 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from realtime_stt.engine import Engine
-from realtime_stt.pipeline import OptionsError, Partial, Pipeline, UtteranceTooLong
+from realtime_stt.pipeline import Final, OptionsError, Partial, Pipeline, UtteranceTooLong
 from realtime_stt.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-CLOSE_POLICY = 1008  # wrong or missing API key, or a page from an origin that is not allowed
+CLOSE_NORMAL = 1000  # an idle socket
+CLOSE_POLICY = 1008  # wrong or missing API key, a page from an origin not allowed, a client that reads nothing
 CLOSE_TOO_BIG = 1009  # utterance longer than MAX_UTTERANCE_SECONDS
 CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN = 1013  # server busy, or the model still loading
+CLOSE_RESTART = 1012  # the server is restarting: every final was sent first
+CLOSE_TRY_AGAIN = 1013  # server busy, still loading, or draining for a restart
+MOST_QUEUED = 64  # messages other than partials waiting for one client; past it the client is not reading
+CLOSE_SECONDS = 2.0  # how long a close may wait on a client that reads nothing
 
 
-class ClientGone(Exception):
+class Ending(Exception):
+    """The session ends; ``reason`` is how (client, idle, too_long, slow_reader, restart)."""
+
+    reason = "client"
+
+
+class ClientGone(Ending):
     """The client closed the socket or the transport broke."""
 
 
-class SessionClosed(Exception):
-    """The server closed the socket on a policy breach (already told the client why)."""
+class SessionClosed(Ending):
+    """The server closed the socket (already told the client why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ConfigMessage(BaseModel):
@@ -51,62 +69,166 @@ class StopMessage(BaseModel):
     type: Literal["stop"]
 
 
-class WebSocketSession:
-    """One WebSocket: a receiver and the pipeline under one TaskGroup, so nothing outlives it."""
+@dataclass(frozen=True)
+class Outgoing:
+    text: str
+    kind: str  # partial, final, error
+    since: float  # time.monotonic() the latency it closes started: newest audio, or the stop
 
-    def __init__(self, ws: WebSocket, engine: Engine, settings: Settings) -> None:
+
+class Outbox:
+    """What waits to go to one client: the latest partial only, every other message in order.
+
+    A client that reads slowly gets the newest partial instead of a backlog; its final is kept.
+    The queue is bounded: a client that lets more than ``most`` messages pile up is not reading.
+    """
+
+    def __init__(self, most: int = MOST_QUEUED) -> None:
+        self._partial: Outgoing | None = None
+        self._queue: deque[Outgoing] = deque()
+        self._most = most
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing waiting and nothing being sent
+        self._idle.set()
+
+    def put_partial(self, message: Outgoing) -> bool:
+        """Queue a partial in place of any unsent one; True if it replaced one."""
+        replaced = self._partial is not None
+        self._partial = message
+        self._wake()
+        return replaced
+
+    def put(self, message: Outgoing) -> bool:
+        """Queue a final or an error; False if the client let too many pile up."""
+        if message.kind == "final":
+            self._partial = None  # its utterance is over: a partial of it would come after its final
+        if len(self._queue) >= self._most:
+            return False
+        self._queue.append(message)
+        self._wake()
+        return True
+
+    async def take(self) -> Outgoing:
+        while not (self._queue or self._partial):
+            self._ready.clear()
+            await self._ready.wait()
+        if self._queue:
+            return self._queue.popleft()
+        message, self._partial = self._partial, None
+        return message
+
+    def sent(self) -> None:
+        if not (self._queue or self._partial):
+            self._idle.set()
+
+    async def flushed(self) -> None:
+        await self._idle.wait()
+
+    def _wake(self) -> None:
+        self._idle.clear()
+        self._ready.set()
+
+
+class WebSocketSession:
+    """One WebSocket: a receiver, a sender, the pipeline and a drain watcher under one TaskGroup,
+    so nothing outlives it."""
+
+    def __init__(self, ws: WebSocket, engine: Engine, settings: Settings, draining: asyncio.Event) -> None:
         self.ws = ws
         self.settings = settings
-        self.pipeline = Pipeline(engine, settings, publish=self._send_partial)
+        self.metrics = engine.metrics
+        self.pipeline = Pipeline(engine, settings, publish=self._publish_partial)
+        self.outbox = Outbox()
+        self._draining = draining
+        self._finishing = asyncio.Lock()  # a stop and a drain both end the utterance: one at a time
 
-    async def run(self) -> None:
+    async def run(self) -> str:
+        """Serve the socket until it ends; how it ended."""
+        ending = "client"
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._receive())
+                tasks.create_task(self._send_all())
                 tasks.create_task(self.pipeline.run())
-        except* (ClientGone, SessionClosed):
-            pass
+                tasks.create_task(self._drain_when_asked())
+        except* Ending as group:
+            ending = _first(group).reason
+        return ending
 
-    # -- transport ---------------------------------------------------------------------------
+    # -- sending ------------------------------------------------------------------------------
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        try:
-            await self.ws.send_text(json.dumps(message, ensure_ascii=False))
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
-            raise ClientGone from exc
+    async def _publish_partial(self, partial: Partial) -> None:
+        message = {
+            "type": "partial",
+            "text": partial.text,
+            "committed": partial.committed,
+            "tentative": partial.tentative,
+            "language": partial.language,
+        }
+        if self.outbox.put_partial(Outgoing(_dumps(message), "partial", partial.audio_arrived)):
+            self.metrics.partials_replaced.inc()
 
-    async def _send_partial(self, partial: Partial) -> None:
-        await self._send(
-            {
-                "type": "partial",
-                "text": partial.text,
-                "committed": partial.committed,
-                "tentative": partial.tentative,
-                "language": partial.language,
-            }
-        )
+    async def _queue(self, message: dict[str, Any], since: float = 0.0) -> None:
+        if not self.outbox.put(Outgoing(_dumps(message), message["type"], since)):
+            await self._slow_reader(f"{MOST_QUEUED} messages unread")
 
     async def _error(self, message: str) -> None:
-        await self._send({"type": "error", "message": message})
+        await self._queue({"type": "error", "message": message})
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def _queue_final(self, final: Final, stop_received: float) -> None:
+        message = {"type": "final", "text": final.text, "language": final.language, "duration_s": final.duration_s}
+        await self._queue(message, stop_received)
+
+    async def _send_all(self) -> None:
+        timeout = self.settings.send_timeout_seconds
+        while True:
+            message = await self.outbox.take()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.ws.send_text(message.text)
+            except TimeoutError:
+                await self._slow_reader(f"no message read for {timeout:g} s")
+            except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+                raise ClientGone from exc
+            self.outbox.sent()
+            if message.kind == "partial":
+                self.metrics.partial_latency.observe(time.monotonic() - message.since)
+            elif message.kind == "final":
+                self.metrics.final_latency.observe(time.monotonic() - message.since)
+
+    async def _slow_reader(self, what: str) -> None:
+        reason = f"client is not reading: {what} (SEND_TIMEOUT_SECONDS)"
+        await self._close(CLOSE_POLICY, reason, "slow_reader", flush=False)
+
+    async def _close(self, code: int, reason: str, ending: str, *, flush: bool = True) -> None:
+        """Send what is waiting (a client that reads gets every answer before the close), then close."""
         logger.info("closing session: %s (%d)", reason, code)
         try:
-            await self.ws.close(code=code, reason=reason)
-        except (RuntimeError, OSError):
-            pass  # the client went first; nothing left to tell it
-        raise SessionClosed(reason)
+            async with asyncio.timeout(CLOSE_SECONDS):
+                if flush:
+                    await self.outbox.flushed()
+                await self.ws.close(code=code, reason=close_reason(reason))
+        except (TimeoutError, RuntimeError, OSError):
+            pass  # the client went first, or reads nothing: nothing left to tell it
+        raise SessionClosed(ending)
 
-    # -- receiving ---------------------------------------------------------------------------
+    # -- receiving ----------------------------------------------------------------------------
 
     async def _receive(self) -> None:
+        idle = self.settings.idle_timeout_seconds
         while True:
             try:
-                message = await self.ws.receive()
+                async with asyncio.timeout(idle or None):
+                    message = await self.ws.receive()
+            except TimeoutError:
+                reason = f"idle: nothing received for {idle:g} s (IDLE_TIMEOUT_SECONDS); reconnect to speak"
+                await self._close(CLOSE_NORMAL, reason, "idle")
             except (RuntimeError, OSError) as exc:
                 raise ClientGone from exc
             if message["type"] == "websocket.disconnect":
                 raise ClientGone
+            if self._draining.is_set():
+                continue  # the drain finalizes what came before it; the socket closes next
             if message.get("bytes") is not None:
                 await self._on_audio(message["bytes"])
             elif message.get("text") is not None:
@@ -117,13 +239,17 @@ class WebSocketSession:
             self.pipeline.feed(data)
         except UtteranceTooLong:
             limit = self.settings.max_utterance_seconds
-            await self._close(CLOSE_TOO_BIG, f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; send stop sooner")
+            reason = f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; send stop sooner"
+            await self._close(CLOSE_TOO_BIG, reason, "too_long")
 
     async def _on_text(self, text: str) -> None:
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
             await self._error(f"invalid JSON: {exc.msg} at position {exc.pos}")
+            return
+        except RecursionError:
+            await self._error("invalid JSON: nested too deeply")
             return
         if not isinstance(message, dict):
             await self._error("a control message must be a JSON object")
@@ -135,16 +261,58 @@ class WebSocketSession:
                 self.pipeline.configure({name: getattr(config, name) for name in config.model_fields_set - {"type"}})
             elif kind == "stop":
                 StopMessage.model_validate(message)
-                final = await self.pipeline.finish()
-                await self._send(
-                    {"type": "final", "text": final.text, "language": final.language, "duration_s": final.duration_s}
-                )
+                await self._finish()
             else:
-                await self._error(f"unknown message type {kind!r}; expected 'config' or 'stop'")
+                await self._error(f"unknown message type {short(kind)}; expected 'config' or 'stop'")
         except ValidationError as exc:
             await self._error(_describe(exc))
         except OptionsError as exc:
             await self._error(str(exc))
+
+    async def _finish(self) -> None:
+        async with self._finishing:
+            await self._final_now()
+
+    async def _final_now(self) -> None:
+        stop_received = time.monotonic()
+        await self._queue_final(await self.pipeline.finish(), stop_received)
+
+    # -- draining for a restart ---------------------------------------------------------------
+
+    async def _drain_when_asked(self) -> None:
+        """On a restart: the utterance under way is finalized from the audio so far and its final
+        sent, then the socket closes with 1012; an idle socket closes at once."""
+        await self._draining.wait()
+        async with self._finishing:
+            if self.pipeline.has_audio:
+                await self._final_now()
+        await self.outbox.flushed()
+        await self._close(CLOSE_RESTART, "server restarting: reconnect in a moment", "restart")
+
+
+def close_reason(reason: str) -> str:
+    """A close frame's reason holds at most 123 bytes of UTF-8."""
+    encoded = reason.encode()
+    return reason if len(encoded) <= 123 else encoded[:120].decode(errors="ignore") + "..."
+
+
+def short(value: Any, most: int = 40) -> str:
+    """repr() of a client's value, cut short: an error message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return json.dumps(message, ensure_ascii=False)
+
+
+def _first(group: BaseExceptionGroup) -> Ending:
+    """The first Ending in a (nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        return exc
+    raise AssertionError("empty exception group")
 
 
 def _describe(exc: ValidationError) -> str:

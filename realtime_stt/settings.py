@@ -32,6 +32,9 @@ class Settings:
     max_batch: int = 8
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    idle_timeout_seconds: float = 300.0  # 0: never
+    drain_seconds: float = 10.0
+    send_timeout_seconds: float = 20.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -61,6 +64,9 @@ class Settings:
                 if origins
                 else defaults.allowed_origins
             ),
+            idle_timeout_seconds=_number(env, "IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_seconds, 0.0, 86_400.0, float),
+            drain_seconds=_number(env, "DRAIN_SECONDS", defaults.drain_seconds, 0.0, 3600.0, float),
+            send_timeout_seconds=_number(env, "SEND_TIMEOUT_SECONDS", defaults.send_timeout_seconds, 1.0, 3600.0, float),
         )
 
 
