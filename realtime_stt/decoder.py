@@ -12,6 +12,11 @@ from __future__ import annotations
 import contextvars
 import os
 import re
+
+# oneDNN keeps a compiled primitive for every matrix shape it meets, up to 1024 of them; encoder
+# inputs change shape with every window, so the cache grew the server's memory for minutes and gave
+# no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
