@@ -21,6 +21,8 @@ from pathlib import Path
 from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, resolve_model
 from bench.report import environment, markdown, offline, plot, pooled, utterance_figures
 from bench.server import Server, health, serve
+from bench.soak import soak
+from bench.soak import write as write_soak
 from bench.stream import measure
 
 logger = logging.getLogger("bench")
@@ -74,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--auto-language", action="store_true", help="send no language: the server detects it (the offline decode is given it)"
     )
+    parser.add_argument(
+        "--soak", type=float, metavar="MINUTES", help="instead of one pass: back-to-back utterances on --streams for MINUTES"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
     return parser.parse_args()
@@ -112,6 +117,9 @@ def main() -> None:
     env = {"CPU_THREADS": str(args.threads), "COMPUTE_TYPE": args.compute_type}
     env.update(pair.split("=", 1) for pair in args.env)
     tag = f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.soak:
+        run_soak(args, model_id, items, env, tag)
+        return
 
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server)["partial_every_ms"] / 1000
@@ -143,6 +151,15 @@ def main() -> None:
         else:
             plot(levels, args.out / f"{tag}.png", partial_every, args.model)
     print(table)
+
+
+def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:
+    tag = f"soak-{tag}"
+    with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+        result = soak(server, items, args.streams, args.soak, args.auto_language)
+        server_health = health(server)
+    title = f"{args.model}, {args.streams} real-time streams, {args.soak:g} min"
+    print(write_soak(result, args.out, tag, title, environment(args, model_id, server_health)))
 
 
 if __name__ == "__main__":

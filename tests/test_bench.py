@@ -69,3 +69,25 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     [row] = figures["files"]
     assert row["final"] and row["last_partial"] and row["partials"] >= 2 and row["wer_final"] == run["wer_final"]
     assert "| final latency p50 / p95 |" in result.stdout
+
+
+def test_a_one_minute_soak_samples_the_server_and_judges_it(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--model", "tiny.en", "--streams", "2", "--soak", "1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [report] = tmp_path.glob("soak-*.json")
+    figures = json.loads(report.read_text())
+    samples = figures["samples"]
+    assert len(samples) >= 6 and samples[-1]["t_s"] >= 60
+    assert all(s["rss_mb"] > 50 and s["fds"] > 0 and s["threads"] > 0 and s["asyncio_tasks"] > 0 for s in samples)
+    verdict = figures["verdict"]
+    assert verdict["utterances"] >= 4 and verdict["errors"] == 0
+    for key in ("rss_growth", "fds_growth", "threads_growth", "tasks_growth", "final_p95_last_s", "cadence_p95_last_s", "holds"):
+        assert key in verdict, key
+    assert figures["per_minute"][0]["utterances"] >= 2
+    assert "| holds" in result.stdout
