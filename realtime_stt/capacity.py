@@ -1,0 +1,179 @@
+"""Capacity, pure: from what model calls cost on this machine (measured at start-up) to the working
+values that follow: the batch size, the partial encoder span, the fastest partial cadence the
+machine can hold, and how many real-time speakers it can serve.
+
+A speaker streams; every tick of the partial cadence the engine decodes one window per speaker,
+in batches of at most ``max_batch``, on its partial workers; at each stop it decodes the whole
+utterance on the finals worker (or, with one worker, on the same one). Served means: partial
+cadence p95 within 2x PARTIAL_EVERY_MS and final latency p95 within 2 s, the benchmark's bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+PARTIAL_TOKENS = 24  # tokens a partial window of a few seconds of speech decodes to
+TOKENS_PER_SECOND = 3.5  # of speech, for a final
+TYPICAL_UTTERANCE = 10.0  # seconds a push-to-talk utterance lasts
+LONG_UTTERANCE = 20.0  # the long end (p95) of utterances, for the final bound
+PAUSE = 1.0  # seconds between one utterance's stop and the next one's audio
+FINAL_BOUND = 2.0  # seconds, final latency p95
+# Model time is not wall time under load: the event loop, VAD scoring and the other worker share the
+# cores. A plan for several speakers holds only with this much room left (fitted to the benchmark's
+# sweeps, README); one speaker alone has the machine to itself and needs none.
+PARTIAL_ROOM = 0.7
+FINAL_ROOM = 0.7
+CADENCE_ROOM = 0.9  # one speaker alone: partials come as fast as one takes, with this room
+MOST_SPEAKERS = 4096
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds a model call takes on this machine, with the workers it was measured under."""
+
+    vad_features: float  # VAD and log-mel features of one window
+    encode_partial: float  # one window at the partial span (15 s), batch 1
+    encode_busy: float  # the busy span (10 s): two windows on CPU, ``batch`` on a GPU
+    encode_busy_windows: int  # how many windows encode_busy covers
+    encode_final: float  # one 30 s window
+    generate_1: float  # greedy, PARTIAL_TOKENS tokens, batch 1
+    generate_batch: float  # the same at batch ``batch``
+    align_1: float  # word alignment of PARTIAL_TOKENS tokens, batch 1
+    align_batch: float
+    batch: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The working values calibration chose, and what it predicts of them."""
+
+    workers: int
+    max_batch: int
+    busy_span_always: bool  # the 10 s partial span even for one speaker: the 15 s one is too slow
+    partial_every_ms: int
+    capacity: int  # real-time speakers served within the bounds (at least 1: one is always admitted)
+    within_bounds: bool  # False: even one speaker gets slower partials or finals than the bounds
+    partial_seconds: float  # predicted model time of one speaker's partial
+    final_seconds: float  # predicted final of a TYPICAL_UTTERANCE
+    costs: Costs
+
+    def describe(self, model: str, device: str) -> str:
+        """One line a person understands."""
+        speakers = f"about {self.capacity} speaker{'s' if self.capacity != 1 else ''} in real time"
+        model = model.rstrip("/").rsplit("/", 1)[-1] if "/" in model and not model.count("/") == 1 else model
+        line = (
+            f"{model} on {device}: {speakers}, a partial every {self.partial_every_ms / 1000:.1f} s, "
+            f"finals in about {self.final_seconds:.1f} s ({self.workers} inference worker(s), batches of {self.max_batch})"
+        )
+        return line if self.within_bounds else line + "; slower than the bounds even for one speaker: use a smaller model"
+
+    def as_dict(self) -> dict:
+        return {
+            "workers": self.workers,
+            "max_batch": self.max_batch,
+            "partial_span_seconds": 10 if self.busy_span_always else 15,
+            "partial_every_ms": self.partial_every_ms,
+            "capacity": self.capacity,
+            "within_bounds": self.within_bounds,
+            "predicted_partial_s": round(self.partial_seconds, 3),
+            "predicted_final_s": round(self.final_seconds, 3),
+            "measured": self.costs.as_dict(),
+        }
+
+
+def interpolate(one: float, many: float, at: int, n: int) -> float:
+    """Cost at batch ``n``, from batch 1 and batch ``many``'s (linear: fixed cost plus per row)."""
+    return one if at <= 1 else one + (many - one) * (n - 1) / (at - 1)
+
+
+def partial_seconds(costs: Costs, n: int, *, busy_span_always: bool = False) -> float:
+    """Model time of one batch of ``n`` partial windows."""
+    if n > 2 or busy_span_always:  # encoded ``encode_busy_windows`` at a time
+        windows = costs.encode_busy_windows
+        encode = costs.encode_busy * (n / windows if n < windows else math.ceil(n / windows))
+    else:
+        encode = n * costs.encode_partial
+    generate = interpolate(costs.generate_1, costs.generate_batch, costs.batch, n)
+    align = interpolate(costs.align_1, costs.align_batch, costs.batch, n)
+    return n * costs.vad_features + encode + generate + align
+
+
+def final_seconds(costs: Costs, utterance: float) -> float:
+    """Model time of the final of an utterance this long (one 30 s window, greedy)."""
+    per_token = (costs.generate_1 + costs.align_1) / PARTIAL_TOKENS
+    windows = max(1, math.ceil(utterance / 30))
+    tokens = TOKENS_PER_SECOND * utterance
+    return windows * costs.encode_final + tokens * per_token + costs.vad_features * utterance / 6
+
+
+def tick_seconds(costs: Costs, speakers: int, max_batch: int, partial_workers: int, busy_span_always: bool) -> float:
+    """How long the partial workers take for one round of every speaker's partial."""
+    batches = math.ceil(speakers / max_batch)
+    rounds = math.ceil(batches / partial_workers)
+    return rounds * partial_seconds(costs, min(speakers, max_batch), busy_span_always=busy_span_always)
+
+
+def serves(costs: Costs, speakers: int, *, workers: int, max_batch: int, cadence: float, busy_span_always: bool) -> bool:
+    """Whether ``speakers`` real-time speakers get partial cadence p95 <= 2x cadence and final p95 <= 2 s."""
+    room_partial, room_final = (PARTIAL_ROOM, FINAL_ROOM) if speakers > 1 else (1.0, 1.0)
+    partial_workers = workers - 1 if workers > 1 else 1
+    tick = tick_seconds(costs, speakers, max_batch, partial_workers, busy_span_always)
+    final = final_seconds(costs, LONG_UTTERANCE)
+    finals_load = speakers * final_seconds(costs, TYPICAL_UTTERANCE) / (TYPICAL_UTTERANCE + PAUSE)
+    if workers > 1:  # the finals have a worker of their own
+        return tick <= room_partial * 2 * cadence and final <= room_final * FINAL_BOUND and finals_load <= room_final
+    # One worker for both: finals take their share of its time, and a final waits for the batch under way.
+    share = 1 - finals_load
+    interval = max(cadence, tick / share) if share > 0 else math.inf  # between one speaker's partials
+    return interval <= room_partial * 2 * cadence and final + tick <= room_final * FINAL_BOUND
+
+
+def plan(
+    costs: Costs,
+    *,
+    workers: int,
+    partial_every_ms: int,
+    cadence_given: bool,
+    max_batch: int | None,
+) -> Plan:
+    """The working values for these costs; values the user set (not None, or ``cadence_given``) win."""
+    one = partial_seconds(costs, 1)
+    busy_span_always = one > partial_every_ms / 1000  # the 15 s span cannot keep the cadence even alone
+    one = partial_seconds(costs, 1, busy_span_always=busy_span_always)
+    cadence_ms = partial_every_ms
+    if not cadence_given:  # as fast as asked, or as fast as one speaker's partial allows
+        cadence_ms = max(partial_every_ms, 100 * math.ceil(10 * one / CADENCE_ROOM))
+    cadence = cadence_ms / 1000
+    batch = max_batch or _largest_batch(costs, cadence, busy_span_always)
+    speakers = [n for n in range(1, MOST_SPEAKERS + 1) if not serves(costs, n, workers=workers, max_batch=batch,
+                                                                        cadence=cadence, busy_span_always=busy_span_always)]
+    capacity = (speakers[0] - 1) if speakers else MOST_SPEAKERS
+    return Plan(
+        workers=workers,
+        max_batch=batch,
+        busy_span_always=busy_span_always,
+        partial_every_ms=cadence_ms,
+        capacity=max(1, capacity),
+        within_bounds=capacity >= 1,
+        partial_seconds=one,
+        final_seconds=final_seconds(costs, TYPICAL_UTTERANCE),
+        costs=costs,
+    )
+
+
+def _largest_batch(costs: Costs, cadence: float, busy_span_always: bool) -> int:
+    """The most windows one batch may hold and still return within the cadence bound; at most the
+    batch the costs were measured at (larger ones would be guesses)."""
+    fits = [n for n in range(1, costs.batch + 1) if partial_seconds(costs, n, busy_span_always=busy_span_always) <= PARTIAL_ROOM * 2 * cadence]
+    return max(fits, default=1)
+
+
+def better(a: Plan, b: Plan) -> Plan:
+    """Of two worker layouts, the one that serves more speakers; on a tie, the faster partials."""
+    key_a = (a.capacity if a.within_bounds else 0, -a.partial_every_ms, -a.partial_seconds, -a.final_seconds)
+    key_b = (b.capacity if b.within_bounds else 0, -b.partial_every_ms, -b.partial_seconds, -b.final_seconds)
+    return a if key_a >= key_b else b

@@ -1,0 +1,77 @@
+"""From measured costs to working values, with plain numbers: the shapes of the rules, not the
+machine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from realtime_stt.capacity import Costs, better, final_seconds, partial_seconds, plan
+
+# Roughly tiny.en on two slow cores, one thread a worker.
+SMALL = Costs(
+    vad_features=0.004, encode_partial=0.03, encode_busy=0.04, encode_busy_windows=2, encode_final=0.2,
+    generate_1=0.08, generate_batch=0.17, align_1=0.01, align_batch=0.03, batch=8,
+)
+# Roughly large-v3-turbo on the same two cores, two threads.
+BIG = Costs(
+    vad_features=0.004, encode_partial=1.2, encode_busy=1.6, encode_busy_windows=2, encode_final=4.8,
+    generate_1=0.33, generate_batch=1.1, align_1=0.05, align_batch=0.2, batch=8,
+)
+
+
+def choose(costs: Costs, **given):
+    return plan(costs, workers=given.get("workers", 2), partial_every_ms=given.get("every", 500),
+                cadence_given=given.get("cadence_given", False), max_batch=given.get("max_batch"))
+
+
+def test_a_cheap_model_serves_many_at_the_asked_cadence():
+    chosen = choose(SMALL)
+    assert chosen.within_bounds and chosen.partial_every_ms == 500 and not chosen.busy_span_always
+    assert chosen.max_batch == 8  # every measured batch fits the cadence
+    assert chosen.capacity >= 8
+    # More speakers than one batch take more batches a tick: capacity is where they no longer fit.
+    assert choose(SMALL, max_batch=1).capacity < chosen.capacity
+
+
+def test_a_costly_model_slows_its_cadence_and_says_it_is_out_of_bounds():
+    chosen = choose(BIG, workers=1)
+    assert chosen.busy_span_always  # the 15 s span cannot keep up even for one speaker
+    assert chosen.partial_every_ms > 1000 and chosen.partial_every_ms % 100 == 0
+    assert chosen.capacity == 1 and not chosen.within_bounds  # a 4.8 s encode: no final within 2 s
+    assert "use a smaller model" in chosen.describe("large-v3-turbo", "cpu")
+    assert chosen.final_seconds > 4.8
+
+
+def test_what_the_user_set_wins():
+    chosen = choose(BIG, workers=1, every=500, cadence_given=True, max_batch=3)
+    assert chosen.partial_every_ms == 500 and chosen.max_batch == 3
+
+
+def test_costs_grow_with_the_batch_and_the_utterance():
+    assert partial_seconds(SMALL, 1) < partial_seconds(SMALL, 2) < partial_seconds(SMALL, 8)
+    assert partial_seconds(SMALL, 8) < 8 * partial_seconds(SMALL, 1)  # batching pays
+    assert final_seconds(SMALL, 5) < final_seconds(SMALL, 20) < final_seconds(SMALL, 40)
+    assert final_seconds(SMALL, 40) >= 2 * SMALL.encode_final  # two 30 s windows
+
+
+def test_the_layout_that_serves_more_speakers_wins():
+    two = choose(SMALL, workers=2)
+    one = choose(replace(SMALL, encode_busy=0.08, generate_batch=0.34), workers=1)
+    assert two.capacity > one.capacity and better(two, one) is two and better(one, two) is two
+    # A tie in speakers goes to the faster partials.
+    quicker = choose(replace(SMALL, encode_partial=0.025, generate_1=0.075), workers=2)
+    assert quicker.capacity == two.capacity and better(two, quicker) is quicker
+    slow = choose(BIG, workers=2)
+    fast = choose(replace(BIG, encode_partial=0.6, encode_busy=0.8, encode_final=2.4), workers=1)
+    assert better(slow, fast) is fast
+
+
+def test_one_worker_serves_a_speaker_whose_partials_fit_the_cadence():
+    """Base on two slow cores, one worker: a 0.37 s partial every 0.5 s and a 0.8 s final serve one
+    speaker; the worker being busy most of the time is no reason to call that out of bounds."""
+    base = Costs(
+        vad_features=0.013, encode_partial=0.12, encode_busy=0.14, encode_busy_windows=2, encode_final=0.46,
+        generate_1=0.21, generate_batch=0.56, align_1=0.03, align_batch=0.18, batch=8,
+    )
+    chosen = choose(base, workers=1)
+    assert chosen.within_bounds and chosen.capacity >= 1 and chosen.partial_every_ms == 500
