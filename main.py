@@ -16,7 +16,10 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
                  partials on a shared clock grid, the speculative final, the final and its
                  read-on after a skipped stretch.
 - ``engine``     the one shared model's queue and inference workers: finals before partials before
-                 speculation, partials of all sessions batched, stale jobs dropped unrun.
+                 speculation, partials of all sessions batched, stale jobs dropped unrun; at
+                 start-up it calibrates the model on this machine.
+- ``capacity``   pure: from the measured cost of each model call to the working values (workers,
+                 batch size, cadence) and the number of real-time speakers this machine serves.
 - ``decoder``    the model and its decodes, run in worker threads; every faster-whisper internal
                  the server calls is here (pinned in requirements.txt).
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a

@@ -64,6 +64,9 @@ class Service:
             return "loading", "model is still loading; try again shortly"
         if len(self.sessions) >= self.settings.max_sessions:
             return "busy", f"server busy: MAX_SESSIONS={self.settings.max_sessions} reached; try again later"
+        lag, bound = self.engine.partial_lag(), 2 * self.settings.partial_every_ms / 1000
+        if lag > bound:
+            return "overloaded", f"server busy: partials are {lag:.1f} s late (bound {bound:g} s); try again later"
         return None
 
     @contextlib.contextmanager
@@ -107,10 +110,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ModelLoadError as exc:
         logger.error("%s", exc)
         raise
-    await asyncio.to_thread(engine.decoder.warm_up)
     await engine.start()
+    service.settings = engine.settings  # the working values: calibration's, where the environment set none
     service.engine = engine
     logger.info("model ready on %s; languages: %d", engine.device, len(engine.languages))
+    logger.info("%s", engine.plan.describe(settings.model_id, engine.device))
     restore = _drain_on_signals(service)
     try:
         yield
@@ -177,6 +181,7 @@ async def _health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "loading", "model": settings.model_id}, status_code=503)
     body = {
         "status": "draining" if service.draining.is_set() else "ok",
+        "accepting": service.refusal() is None,
         "model": settings.model_id,
         "device": engine.device,
         "compute_type": settings.compute_type,
@@ -187,6 +192,8 @@ async def _health(request: Request) -> JSONResponse:
         "inference_workers": engine.workers,
         "partial_every_ms": settings.partial_every_ms,
         "inference": service.metrics.inference(),
+        "partial_lag_s": round(engine.partial_lag(), 3),
+        "calibration": {**engine.plan.as_dict(), "summary": engine.plan.describe(settings.model_id, engine.device)},
     }
     return JSONResponse(body, status_code=503 if service.draining.is_set() else 200)
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextvars
 import os
 import re
+import time
 
 # oneDNN keeps a compiled primitive for every matrix shape it meets, up to 1024 of them; encoder
 # inputs change shape with every window, so the cache grew the server's memory for minutes and gave
 # no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
 from faster_whisper.vad import SpeechTimestampsMap, get_speech_timestamps
 
+from realtime_stt.capacity import PARTIAL_TOKENS, Costs
 from realtime_stt.settings import SAMPLE_RATE, Settings
 from realtime_stt.vad import VAD_OPTIONS
 from realtime_stt.words import Word, join_words
@@ -122,20 +124,61 @@ class Transcript:
 class Decoder:
     """The loaded model, and the decodes it runs (each call blocks: run it in a worker thread)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: int | None = None) -> None:
         self.settings = settings
-        self.model, self.device, self.workers = load_model(settings)
+        self.model, self.device, self.workers = load_model(settings, workers)
+        self.busy_span_always = False  # calibration sets it where the 15 s span is too slow for one speaker
         self.languages: tuple[str, ...] = tuple(self.model.supported_languages)
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
 
-    def warm_up(self) -> None:
-        """Run one real decode so the first user does not pay for lazy initialisation."""
-        noise = np.random.default_rng(0).normal(0.0, 0.01, SAMPLE_RATE).astype(np.float32)
-        self.decode(noise, DecodeOptions(language="en"), vad=False)
+    def measure(self, batch: int, *, final: bool = True) -> Costs:
+        """Time the calls a partial and a final make, on noise (their cost does not depend on what
+        is said): each once, after one untimed call that pays for lazy initialisation. Generation
+        is forced to PARTIAL_TOKENS tokens by suppressing the end of text. Without ``final`` the
+        30 s encode is left out (0): it is the costliest call, and a layout compared on its
+        partials alone need not pay it."""
+        model = self.model
+        window = np.random.default_rng(0).normal(0.0, 0.05, 6 * SAMPLE_RATE).astype(np.float32)
+        features = model.feature_extractor(window)[:, :-1]
 
-    def decode(self, audio: np.ndarray, options: DecodeOptions, *, vad: bool = True) -> Transcript:
+        def padded(frames: int, rows: int) -> np.ndarray:
+            return np.repeat(np.pad(features, ((0, 0), (0, frames - features.shape[1])))[None], rows, axis=0)
+
+        def encode(frames: int, rows: int) -> Any:
+            return WhisperModel.encode(model, padded(frames, rows))
+
+        vad_features = _seconds(lambda: (get_speech_timestamps(window, VAD_OPTIONS), model.feature_extractor(window)))
+        encode_partial = _seconds(lambda: encode(1500, 1))
+        busy_windows = 2 if self.device == "cpu" else batch
+        encode_busy = _seconds(lambda: encode(1000, busy_windows))
+        encode_final = _seconds(lambda: encode(N_FRAMES, 1), warm=False) if final else 0.0
+        one, many = encode(1000, 1), encode(1000, batch)
+        tokenizer = self._tokenizer("transcribe", "en")
+        prompt = model.get_prompt(tokenizer, list(range(1000, 1016)), without_timestamps=True)
+        text = list(range(1000, 1000 + PARTIAL_TOKENS))
+
+        def generate(encoded: Any, rows: int) -> Any:
+            return model.model.generate(
+                encoded, [prompt] * rows, beam_size=1, max_length=len(prompt) + PARTIAL_TOKENS,
+                suppress_tokens=[-1, tokenizer.eot], return_scores=True, return_no_speech_prob=True,
+            )
+
+        return Costs(
+            vad_features=vad_features,
+            encode_partial=encode_partial,
+            encode_busy=encode_busy,
+            encode_busy_windows=busy_windows,
+            encode_final=encode_final,
+            generate_1=_seconds(lambda: generate(one, 1)),
+            generate_batch=_seconds(lambda: generate(many, batch)),
+            align_1=_seconds(lambda: model.find_alignment(tokenizer, [text], one, [500])),
+            align_batch=_seconds(lambda: model.find_alignment(tokenizer, [text] * batch, many, [500] * batch)),
+            batch=batch,
+        )
+
+    def decode(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
         if options.offline and audio.size <= WINDOW_SAMPLES:
             return self.decode_window(audio, options)
         segments, info = self.model.transcribe(
@@ -147,7 +190,7 @@ class Decoder:
             temperature=list(options.temperatures),
             max_new_tokens=options.max_new_tokens,
             word_timestamps=not options.offline,
-            vad_filter=vad,
+            vad_filter=True,
             # Conditioning on the decoder's own output is what makes Whisper loop on streams; the
             # committed text goes in as a prompt instead.
             condition_on_previous_text=options.offline,
@@ -245,7 +288,7 @@ class Decoder:
                 item.language,
             )
             groups.setdefault(keep, []).append(voiced)
-        span = BUSY_PARTIAL_ENCODER if busy and options.encoder is not None else options.encoder
+        span = BUSY_PARTIAL_ENCODER if (busy or self.busy_span_always) and options.encoder is not None else options.encoder
         for group in groups.values():
             for voiced, transcript in zip(group, self._decode_group(group, options, span)):
                 results[voiced.index] = transcript
@@ -355,6 +398,15 @@ class _Voiced:
     language: str | None  # None: detect it on this window
 
 
+def _seconds(call: Callable[[], Any], *, warm: bool = True) -> float:
+    """Wall time of one call, after an untimed one when ``warm``."""
+    if warm:
+        call()
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tuple[Word, ...]:
     """Aligned words, their times mapped from the speech alone back to the audio it was cut from."""
     merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
@@ -374,8 +426,15 @@ def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tupl
     return tuple(words)
 
 
-def load_model(settings: Settings) -> tuple[Any, str, int]:
-    """The model, the device it runs on, and how many calls it runs at once."""
+def device_of(settings: Settings) -> str:
+    if settings.device == "auto":
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return settings.device
+
+
+def load_model(settings: Settings, workers: int | None = None) -> tuple[Any, str, int]:
+    """The model, the device it runs on, and how many calls it runs at once (``workers``, else
+    INFERENCE_WORKERS, else one)."""
     model_id = settings.model_id
     hint = (
         "Set MODEL_ID to a local CTranslate2 Whisper directory (one holding model.bin, config.json and "
@@ -385,10 +444,8 @@ def load_model(settings: Settings) -> tuple[Any, str, int]:
     looks_like_path = model_id.startswith((".", "/", "~")) or os.sep in model_id and not _is_hub_id(model_id)
     if looks_like_path and not Path(model_id).expanduser().is_dir():
         raise ModelLoadError(f"MODEL_ID={model_id!r}: no such directory. {hint}")
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    workers = settings.inference_workers or (2 if device == "cpu" and settings.cpu_threads >= 2 else 1)
+    device = device_of(settings)
+    workers = workers or settings.inference_workers or 1
     try:
         model = _WhisperModel(
             str(Path(model_id).expanduser()) if looks_like_path else model_id,

@@ -11,12 +11,13 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from realtime_stt.decoder import DecodeOptions, Decoder, Transcript
+from realtime_stt.capacity import Plan, better, plan
+from realtime_stt.decoder import DecodeOptions, Decoder, Transcript, device_of
 from realtime_stt.metrics import Metrics
 from realtime_stt.settings import Settings
 
@@ -27,6 +28,7 @@ KINDS = {PRIORITY_FINAL: "final", PRIORITY_PARTIAL: "partial", PRIORITY_SPECULAT
 LOAD_WINDOW_SECONDS = 3.0
 SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.01
+LAG_WINDOW_SECONDS = 5.0
 
 
 @dataclass(order=True)
@@ -39,6 +41,7 @@ class Job:
     future: asyncio.Future[Transcript | None] = field(compare=False)
     requester: object = field(default=None, compare=False)  # the session that asked
     started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
+    submitted: float = field(default=0.0, compare=False)  # loop time it was queued
 
 
 class Engine:
@@ -53,10 +56,11 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        """Loads the model (blocking: call it in a worker thread); ModelLoadError if it cannot."""
-        self.settings = settings
+        """Loads the model and calibrates it (blocking: call it in a worker thread); ModelLoadError
+        if the model cannot be loaded. ``settings`` then holds the working values."""
+        self.decoder, self.plan = calibrate(settings)
+        self.settings = settings = working_settings(settings, self.plan)
         self.metrics = metrics
-        self.decoder = Decoder(settings)
         self.device, self.workers = self.decoder.device, self.decoder.workers
         self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
         self.can_translate = self.decoder.can_translate
@@ -68,6 +72,9 @@ class Engine:
         self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
         self._running: dict[object, float] = {}  # model calls under way -> when they started
         self._partial_asked: dict[object, float] = {}  # requester -> when it last asked for a partial
+        # (when, seconds from request to text, requester) of recent partials; bounded, as nobody may
+        # ask for the lag for a long time.
+        self._lags: deque[tuple[float, float, object]] = deque(maxlen=4096)
 
     async def start(self) -> None:
         # With two or more workers the last one takes no partials, so that a final need not wait for
@@ -105,7 +112,7 @@ class Engine:
     ) -> Job:
         """Queue a decode and return at once; its future gives the transcript, or None if it went stale."""
         loop = asyncio.get_running_loop()
-        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester)
+        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester, submitted=loop.time())
         if priority == PRIORITY_PARTIAL:
             self._streaming(since=loop.time() - LOAD_WINDOW_SECONDS)
             self._partial_asked[requester] = loop.time()
@@ -134,6 +141,23 @@ class Engine:
         busy = sum(end - max(start, since) for start, end in self._busy)
         busy += sum(now - max(start, since) for start in self._running.values())
         return busy / (LOAD_WINDOW_SECONDS * self.workers)
+
+    def partial_lag(self) -> float:
+        """How late partials are now: the 90th percentile of the time partials of the last few
+        seconds took from their request to their text (0 with none)."""
+        since = asyncio.get_running_loop().time() - LAG_WINDOW_SECONDS
+        while self._lags and self._lags[0][0] < since:
+            self._lags.popleft()
+        lags = sorted(lag for _, lag, _ in self._lags)
+        return lags[int(0.9 * (len(lags) - 1))] if lags else 0.0
+
+    def forget(self, requester: object) -> None:
+        """A session has ended: its partials no longer tell how late the live ones are (a burst that
+        has ended must not keep refusing the next speakers)."""
+        self._partial_asked.pop(requester, None)
+        kept = [lag for lag in self._lags if lag[2] is not requester]
+        self._lags.clear()
+        self._lags.extend(kept)
 
     def _forget_busy(self, now: float) -> float:
         """Drop model calls that ended before the load window; the window's start."""
@@ -192,6 +216,8 @@ class Engine:
             for job, result in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(result)
+                if job.priority == PRIORITY_PARTIAL:
+                    self._lags.append((loop.time(), loop.time() - job.submitted, job.requester))
         finally:
             del self._running[token]
             self._busy.append((start, loop.time()))
@@ -244,3 +270,57 @@ def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
 def _batchable(job: Job) -> bool:
     """Partials batch; finals (long audio, temperature fallback) run alone."""
     return job.priority == PRIORITY_PARTIAL
+
+
+PROBE_BATCH = {"cpu": 8, "cuda": 32}  # the batch calibration measures at, unless MAX_BATCH is set
+
+
+def calibrate(settings: Settings) -> tuple[Decoder, Plan]:
+    """Load the model, time what it will run on this machine, and choose the working values.
+
+    On a CPU with two or more threads, and INFERENCE_WORKERS not set, one worker with every thread
+    and two with half each are both measured (decoder steps gain little from threads, encoders
+    much), and the layout that serves more speakers is kept. The 30 s encode, the costliest call,
+    is measured once; the other layout's is scaled by its partial encode.
+    """
+    device = device_of(settings)
+    explicit = settings.explicit
+    if settings.inference_workers:
+        layouts = [settings.inference_workers]
+    elif device == "cpu" and settings.cpu_threads >= 2:
+        layouts = [1, 2]
+    else:
+        layouts = [1]
+    batch = settings.max_batch if "MAX_BATCH" in explicit else PROBE_BATCH.get(device, 8)
+    chosen: tuple[Decoder, Plan] | None = None
+    for workers in layouts:
+        decoder = Decoder(settings, workers)
+        costs = decoder.measure(batch, final=chosen is None)
+        if chosen is not None:
+            first = chosen[1].costs
+            costs = replace(costs, encode_final=first.encode_final * costs.encode_partial / first.encode_partial)
+        candidate = plan(
+            costs,
+            workers=decoder.workers,
+            partial_every_ms=settings.partial_every_ms,
+            cadence_given="PARTIAL_EVERY_MS" in explicit,
+            max_batch=settings.max_batch if "MAX_BATCH" in explicit else None,
+        )
+        if chosen is None or better(candidate, chosen[1]) is candidate:
+            chosen = (decoder, candidate)
+    assert chosen is not None
+    chosen[0].busy_span_always = chosen[1].busy_span_always
+    return chosen
+
+
+def working_settings(settings: Settings, chosen: Plan) -> Settings:
+    """The settings the server runs with: calibration's values where the environment set none."""
+    explicit = settings.explicit
+    return replace(
+        settings,
+        inference_workers=chosen.workers,
+        max_batch=chosen.max_batch,
+        partial_every_ms=chosen.partial_every_ms,
+        max_sessions=settings.max_sessions if "MAX_SESSIONS" in explicit else chosen.capacity,
+    )
+

@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0
 MODEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 MODEL_KINDS = ("partial", "final", "speculative")
-REFUSALS = ("auth", "origin", "busy", "loading", "draining")
+REFUSALS = ("auth", "origin", "busy", "overloaded", "loading", "draining")
 ENDINGS = ("client", "idle", "too_long", "slow_reader", "restart", "error")
 
 

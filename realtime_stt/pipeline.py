@@ -169,6 +169,7 @@ class Pipeline:
                 tasks.create_task(self._watch_speech())
         finally:
             self._closed = True
+            self.engine.forget(self)
 
     def feed(self, data: bytes) -> None:
         """Take int16 little-endian PCM; a chunk may end in the middle of a sample."""

@@ -10,6 +10,9 @@ SAMPLE_RATE = 16_000  # the protocol's PCM and Whisper's input
 DEFAULT_ALLOWED_ORIGINS = ("localhost", "127.0.0.1", "[::1]")
 
 
+CALIBRATED = ("PARTIAL_EVERY_MS", "INFERENCE_WORKERS", "MAX_SESSIONS", "MAX_BATCH")  # defaults calibration may move
+
+
 class SettingsError(ValueError):
     """A setting from the environment has a value the server cannot use."""
 
@@ -24,8 +27,8 @@ class Settings:
     partial_every_ms: int = 500
     window_seconds: float = 6.0
     cpu_threads: int = os.cpu_count() or 1
-    inference_workers: int | None = None  # None: 2 on a CPU with 2 or more threads, else 1
-    max_sessions: int = 16
+    inference_workers: int | None = None  # None: chosen by calibration
+    max_sessions: int = 16  # unless set, the calibrated capacity takes its place
     max_utterance_seconds: float = 600.0
     final_mode: str = "full"
     trim_encoder_input: bool = True
@@ -35,6 +38,8 @@ class Settings:
     idle_timeout_seconds: float = 300.0  # 0: never
     drain_seconds: float = 10.0
     send_timeout_seconds: float = 20.0
+    # The variables the environment set: those win over what calibration would choose.
+    explicit: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -67,6 +72,7 @@ class Settings:
             idle_timeout_seconds=_number(env, "IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_seconds, 0.0, 86_400.0, float),
             drain_seconds=_number(env, "DRAIN_SECONDS", defaults.drain_seconds, 0.0, 3600.0, float),
             send_timeout_seconds=_number(env, "SEND_TIMEOUT_SECONDS", defaults.send_timeout_seconds, 1.0, 3600.0, float),
+            explicit=frozenset(name for name in CALIBRATED if env.get(name, "").strip()),
         )
 
 

@@ -34,7 +34,9 @@ def run(coroutine):
 
 @pytest.fixture(scope="module")
 def base_server(tmp_path_factory):
-    with start_server({"MODEL_ID": base_model_path()}, tmp_path_factory.mktemp("base")) as running:
+    # These tests run more streams at once than base's calibrated capacity on two cores, on purpose.
+    env = {"MODEL_ID": base_model_path(), "MAX_SESSIONS": "16"}
+    with start_server(env, tmp_path_factory.mktemp("base")) as running:
         yield running
 
 
@@ -110,7 +112,7 @@ def test_the_final_reads_on_after_a_pause_and_says_nothing_twice(base_server):
 
 @pytest.fixture(scope="module")
 def tail_server(tmp_path_factory):
-    env = {"MODEL_ID": base_model_path(), "FINAL_MODE": "tail"}
+    env = {"MODEL_ID": base_model_path(), "FINAL_MODE": "tail", "MAX_SESSIONS": "16"}
     with start_server(env, tmp_path_factory.mktemp("base-tail")) as running:
         yield running
 
