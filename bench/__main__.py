@@ -20,42 +20,62 @@ from pathlib import Path
 
 from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, resolve_model
 from bench.report import environment, markdown, offline, plot, pooled, utterance_figures
-from bench.server import Server, health, serve
+from bench.server import Server, health, model_seconds, model_time_per_call, serve
 from bench.soak import soak
 from bench.soak import write as write_soak
-from bench.stream import measure
+from bench.stream import REFUSED, measure
 
 logger = logging.getLogger("bench")
 
 
 def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float) -> list[dict]:
-    """1, 2, 4... real-time streams, each about --sweep-seconds of audio, until latency or cadence gives."""
-    levels, streams = [], 1
+    """1, 2, 4... real-time streams, each about --sweep-seconds of audio, until latency or cadence
+    gives; then halfway between the last that held and the first that gave, down to steps of a
+    quarter of the last that held, so that streams per machine is known to about 25 %."""
+    levels: list[dict] = []
+    streams = 1
     while streams <= args.max_streams:
-        plans = []
-        for client_index in range(streams):
-            plan, seconds, k = [], 0.0, client_index
-            while seconds < args.sweep_seconds:
-                plan.append(items[k % len(items)])
-                seconds += items[k % len(items)].duration
-                k += 1
-            plans.append(plan)
-        utterances, cpu, wall = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
-        rows = [utterance_figures(u) for u in utterances]
-        figures = pooled(rows, {i.name: i for i in items})
-        audio = sum(r["duration_s"] for r in rows if "error" not in r)
-        holds = (
-            figures["dropped"] == 0
-            and (figures["final_latency_p95_s"] or 0) <= 2.0
-            and (figures["cadence_p95_s"] or 0) <= 2 * partial_every
-        )
-        levels.append({"streams": streams, "holds": holds, "cpu_per_audio_s": cpu / audio if audio else None, **figures})
-        logger.info("%d streams: final p95 %.2f s, cadence p95 %.2f s -> %s", streams,
-                    figures["final_latency_p95_s"] or 0, figures["cadence_p95_s"] or 0, "holds" if holds else "gives")
-        if not holds:
+        levels.append(level(server, items, args, partial_every, streams))
+        if not levels[-1]["holds"]:
             break
         streams *= 2
-    return levels
+    held = max((lv["streams"] for lv in levels if lv["holds"]), default=0)
+    gave = min((lv["streams"] for lv in levels if not lv["holds"]), default=0)
+    while held and gave and gave - held > max(1, held // 4):
+        middle = (held + gave) // 2
+        levels.append(level(server, items, args, partial_every, middle))
+        held, gave = (middle, gave) if levels[-1]["holds"] else (held, middle)
+    return sorted(levels, key=lambda lv: lv["streams"])
+
+
+def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item]]:
+    """Each client's files: about ``seconds`` of audio, each client starting one file further on."""
+    plans = []
+    for client_index in range(streams):
+        plan, total, k = [], 0.0, client_index
+        while total < seconds:
+            plan.append(items[k % len(items)])
+            total += items[k % len(items)].duration
+            k += 1
+        plans.append(plan)
+    return plans
+
+
+def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int) -> dict:
+    """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
+    plans = plans_for(items, streams, args.sweep_seconds)
+    utterances, cpu, wall = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
+    rows = [utterance_figures(u) for u in utterances]
+    figures = pooled(rows, {i.name: i for i in items})
+    audio = sum(r["duration_s"] for r in rows if "error" not in r)
+    holds = (
+        figures["dropped"] == 0
+        and (figures["final_latency_p95_s"] or 0) <= 2.0
+        and (figures["cadence_p95_s"] or 0) <= 2 * partial_every
+    )
+    logger.info("%d streams: final p95 %.2f s, cadence p95 %.2f s -> %s", streams,
+                figures["final_latency_p95_s"] or 0, figures["cadence_p95_s"] or 0, "holds" if holds else "gives")
+    return {"streams": streams, "holds": holds, "cpu_per_audio_s": cpu / audio if audio else None, **figures}
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,6 +98,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--soak", type=float, metavar="MINUTES", help="instead of one pass: back-to-back utterances on --streams for MINUTES"
+    )
+    parser.add_argument(
+        "--admission", action="store_true",
+        help="instead of one pass: twice the server's calibrated capacity of real-time streams at once, with its own admission",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
@@ -112,23 +136,33 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_id = resolve_model(args.model)
+    if args.model.startswith("random:"):
+        args.no_offline = True  # random weights: timing only, nothing to score
     items = select_items(args, model_id)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Sweeps and runs measure latency, not admission: every client is let in, unless --env says not.
     env = {"CPU_THREADS": str(args.threads), "COMPUTE_TYPE": args.compute_type}
+    if not args.admission:
+        env.update(MAX_SESSIONS="256", MAX_PARTIAL_LAG_SECONDS="0")
     env.update(pair.split("=", 1) for pair in args.env)
     tag = f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.soak:
         run_soak(args, model_id, items, env, tag)
         return
+    if args.admission:
+        run_admission(args, model_id, items, env, tag)
+        return
 
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server)["partial_every_ms"] / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
+        model_before = model_seconds(server)
         utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language)
+        model_time = model_time_per_call(model_before, model_seconds(server))
         rows = [utterance_figures(u) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
-               "cpu_per_audio_s": cpu / audio if audio else None}
+               "cpu_per_audio_s": cpu / audio if audio else None, "model_seconds_per_call": model_time}
         levels = sweep(server, items, args, partial_every) if args.sweep else []
         run["peak_rss_mb"] = server.peak_rss / 2**20
         server_health = health(server)
@@ -137,6 +171,7 @@ def main() -> None:
     holding = [level["streams"] for level in levels if level["holds"]]
     result = {
         "environment": environment(args, model_id, server_health),
+        "calibration": server_health.get("calibration"),
         "run": run,
         "streams_per_machine": max(holding) if holding else (0 if levels else None),
         "sweep": levels,
@@ -160,6 +195,45 @@ def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: di
         server_health = health(server)
     title = f"{args.model}, {args.streams} real-time streams, {args.soak:g} min"
     print(write_soak(result, args.out, tag, title, environment(args, model_id, server_health)))
+
+
+def run_admission(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:
+    """Twice the calibrated capacity at once: the admitted must hold the bounds, the rest get 1013."""
+    tag = f"admission-{tag}"
+    with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+        before = health(server)
+        capacity, partial_every = before["max_sessions"], before["partial_every_ms"] / 1000
+        streams = 2 * capacity
+        plans = plans_for(items, streams, args.sweep_seconds)
+        utterances, _, _ = measure(server, plans, 1.0, f"{streams} streams, capacity {capacity}", args.auto_language)
+        server_health = health(server)
+    refused = [u for u in utterances if u.error and u.error.startswith(REFUSED)]
+    admitted = [u for u in utterances if not (u.error and u.error.startswith(REFUSED))]
+    figures = pooled([utterance_figures(u) for u in admitted], {i.name: i for i in items})
+    holds = (figures["dropped"] == 0 and (figures["final_latency_p95_s"] or 0) <= 2.0
+             and (figures["cadence_p95_s"] or 0) <= 2 * partial_every)
+    result = {
+        "environment": environment(args, model_id, server_health),
+        "capacity": capacity,
+        "streams": streams,
+        "clients_refused": len(refused),
+        "clients_admitted": streams - len(refused),
+        "admitted_hold": holds,
+        "admitted": figures,
+        "calibration": before.get("calibration"),
+    }
+    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
+    table = "\n".join([
+        f"### Admission: {args.model}, {streams} real-time streams at once against a calibrated capacity of {capacity}",
+        "", "| figure | value |", "|---|---|",
+        f"| clients admitted / refused with 1013 | {result['clients_admitted']} / {result['clients_refused']} |",
+        f"| admitted: final p50 / p95 | {figures['final_latency_p50_s'] or 0:.2f} s / {figures['final_latency_p95_s'] or 0:.2f} s |",
+        f"| admitted: cadence p50 / p95 | {figures['cadence_p50_s'] or 0:.2f} s / {figures['cadence_p95_s'] or 0:.2f} s |",
+        f"| admitted: errors / dropped | {figures['errors']} / {figures['dropped']} |",
+        f"| admitted hold the bounds | {'yes' if holds else 'no'} |",
+    ]) + "\n"
+    (args.out / f"{tag}.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

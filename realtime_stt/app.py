@@ -64,10 +64,16 @@ class Service:
             return "loading", "model is still loading; try again shortly"
         if len(self.sessions) >= self.settings.max_sessions:
             return "busy", f"server busy: MAX_SESSIONS={self.settings.max_sessions} reached; try again later"
-        lag, bound = self.engine.partial_lag(), 2 * self.settings.partial_every_ms / 1000
-        if lag > bound:
+        lag, bound = self.engine.partial_lag(), self.lag_bound
+        if bound and lag > bound:
             return "overloaded", f"server busy: partials are {lag:.1f} s late (bound {bound:g} s); try again later"
         return None
+
+    @property
+    def lag_bound(self) -> float:
+        """Seconds late partials may run before new sockets are refused (0: never)."""
+        given = self.settings.max_partial_lag_seconds
+        return 2 * self.settings.partial_every_ms / 1000 if given is None else given
 
     @contextlib.contextmanager
     def serving(self, session: WebSocketSession):
@@ -193,6 +199,7 @@ async def _health(request: Request) -> JSONResponse:
         "partial_every_ms": settings.partial_every_ms,
         "inference": service.metrics.inference(),
         "partial_lag_s": round(engine.partial_lag(), 3),
+        "max_partial_lag_s": service.lag_bound,
         "calibration": {**engine.plan.as_dict(), "summary": engine.plan.describe(settings.model_id, engine.device)},
     }
     return JSONResponse(body, status_code=503 if service.draining.is_set() else 200)

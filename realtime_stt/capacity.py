@@ -64,7 +64,7 @@ class Plan:
     def describe(self, model: str, device: str) -> str:
         """One line a person understands."""
         speakers = f"about {self.capacity} speaker{'s' if self.capacity != 1 else ''} in real time"
-        model = model.rstrip("/").rsplit("/", 1)[-1] if "/" in model and not model.count("/") == 1 else model
+        model = model.rstrip("/").rsplit("/", 1)[-1] if model.count("/") > 1 else model
         line = (
             f"{model} on {device}: {speakers}, a partial every {self.partial_every_ms / 1000:.1f} s, "
             f"finals in about {self.final_seconds:.1f} s ({self.workers} inference worker(s), batches of {self.max_batch})"

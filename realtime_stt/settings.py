@@ -38,6 +38,8 @@ class Settings:
     idle_timeout_seconds: float = 300.0  # 0: never
     drain_seconds: float = 10.0
     send_timeout_seconds: float = 20.0
+    # New sockets are refused while partials run this late (None: twice the cadence; 0: never).
+    max_partial_lag_seconds: float | None = None
     # The variables the environment set: those win over what calibration would choose.
     explicit: frozenset[str] = frozenset()
 
@@ -72,6 +74,10 @@ class Settings:
             idle_timeout_seconds=_number(env, "IDLE_TIMEOUT_SECONDS", defaults.idle_timeout_seconds, 0.0, 86_400.0, float),
             drain_seconds=_number(env, "DRAIN_SECONDS", defaults.drain_seconds, 0.0, 3600.0, float),
             send_timeout_seconds=_number(env, "SEND_TIMEOUT_SECONDS", defaults.send_timeout_seconds, 1.0, 3600.0, float),
+            max_partial_lag_seconds=(
+                _number(env, "MAX_PARTIAL_LAG_SECONDS", 0.0, 0.0, 3600.0, float)
+                if env.get("MAX_PARTIAL_LAG_SECONDS", "").strip() else None
+            ),
             explicit=frozenset(name for name in CALIBRATED if env.get(name, "").strip()),
         )
 

@@ -27,3 +27,11 @@ def test_inference_workers_setting():
     assert Settings.from_env({"INFERENCE_WORKERS": "3"}).inference_workers == 3
     with pytest.raises(SettingsError, match="INFERENCE_WORKERS"):
         Settings.from_env({"INFERENCE_WORKERS": "0"})
+
+
+def test_the_lag_bound_of_admission():
+    assert Settings.from_env({}).max_partial_lag_seconds is None  # twice the working cadence
+    assert Settings.from_env({"MAX_PARTIAL_LAG_SECONDS": "0"}).max_partial_lag_seconds == 0  # off
+    assert Settings.from_env({"MAX_PARTIAL_LAG_SECONDS": "2.5"}).max_partial_lag_seconds == 2.5
+    with pytest.raises(SettingsError, match="MAX_PARTIAL_LAG_SECONDS"):
+        Settings.from_env({"MAX_PARTIAL_LAG_SECONDS": "-1"})
