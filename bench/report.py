@@ -188,6 +188,17 @@ def markdown(result: dict) -> str:
             )
         lines += ["", f"Streams per machine: **{result['streams_per_machine']}** "
                       "(final p95 <= 2 s and cadence p95 <= 2x PARTIAL_EVERY_MS)"]
+    calibration = result.get("calibration")
+    if calibration:
+        per_call = run.get("model_seconds_per_call") or {}
+        lines += ["", f"Calibration at start-up: {calibration['summary']}", "",
+                  f"Model time per call, measured in the main run (predicted at start-up): partial batch "
+                  f"{_fmt(per_call.get('partial'), ' s')} ({calibration['predicted_partial_s']:.2f} s for one speaker), "
+                  f"final {_fmt(per_call.get('final'), ' s')} ({calibration['predicted_final_s']:.2f} s for 10 s of speech)"]
+        if result["sweep"] and result["streams_per_machine"]:
+            ratio = calibration["capacity"] / result["streams_per_machine"]
+            lines += [f"Calibrated capacity {calibration['capacity']} against {result['streams_per_machine']} measured: "
+                      f"{100 * (ratio - 1):+.0f} %"]
     return "\n".join(lines) + "\n"
 
 

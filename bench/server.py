@@ -49,7 +49,7 @@ def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
-            env={**os.environ, "MODEL_ID": model_id, "MAX_SESSIONS": "256", **env},
+            env={**os.environ, "MODEL_ID": model_id, **env},
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
@@ -81,3 +81,31 @@ def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
 def health(server: Server) -> dict:
     with urllib.request.urlopen(f"http://{server.url}/health", timeout=5) as response:
         return json.loads(response.read())
+
+
+def model_seconds(server: Server) -> dict[str, tuple[float, float]]:
+    """/metrics' model time by kind: (seconds, calls) so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{server.url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    totals: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "stt_model_seconds":
+            continue
+        for sample in family.samples:
+            kind = sample.labels.get("kind")
+            if sample.name.endswith("_sum"):
+                totals.setdefault(kind, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_count"):
+                totals.setdefault(kind, [0.0, 0.0])[1] = sample.value
+    return {kind: (seconds, calls) for kind, (seconds, calls) in totals.items()}
+
+
+def model_time_per_call(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean seconds a model call of each kind took between two readings of model_seconds."""
+    means = {}
+    for kind, (seconds, calls) in after.items():
+        done = calls - before.get(kind, (0.0, 0.0))[1]
+        means[kind] = (seconds - before.get(kind, (0.0, 0.0))[0]) / done if done else None
+    return means

@@ -15,6 +15,7 @@ from bench.server import Server
 logger = logging.getLogger("bench")
 
 FRAME_SECONDS = 0.1
+REFUSED = "refused: "  # an error that is the server's 1013 at the door, not a dropped session
 
 
 @dataclass
@@ -74,8 +75,11 @@ async def client(url: str, items: list[Item], speed: float, progress, auto_langu
                 done.append(await stream_file(ws, item, speed, auto_language))
                 progress.update(1)
     except Exception as exc:  # a dropped connection is a figure of the run, not a crash of the bench
-        logger.warning("client dropped: %s", exc)
-        done.append(Utterance(items[len(done)], error=f"{type(exc).__name__}: {exc}"))
+        refused = isinstance(exc, websockets.ConnectionClosed) and exc.rcvd is not None and exc.rcvd.code == 1013
+        if not refused:
+            logger.warning("client dropped: %s", exc)
+        prefix = REFUSED if refused else ""
+        done.append(Utterance(items[len(done)], error=f"{prefix}{type(exc).__name__}: {exc}"))
     return done
 
 
