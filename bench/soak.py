@@ -5,7 +5,9 @@ descriptors, threads and asyncio tasks sampled every 10 s and latency taken minu
 
 The verdict compares the start (after the first ``window`` minutes, 5 or a third of the run) with
 the end: RSS growth, descriptors, threads and tasks, and final and cadence p95 of the first window
-against the last.
+against the last (pooled over every utterance in each). Utterances are push-to-talk length: files
+over 30 s are left out, or the long-form ones' finals, which every client reaches at about the same
+minute, would make a minute's p95 a matter of which file came up.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench.stream import Utterance, stream_file
 logger = logging.getLogger("bench")
 
 SAMPLE_SECONDS = 10.0
+LONGEST = 30.0  # seconds: a push-to-talk utterance
 
 
 async def _client(url: str, items: list[Item], offset: int, until: float, done: list[Utterance], auto_language: bool) -> None:
@@ -73,6 +76,7 @@ def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_l
     """Run the soak; its samples, per-minute latency and verdict."""
     utterances: list[Utterance] = []
     samples: list[dict] = []
+    items = [item for item in items if item.duration <= LONGEST] or items
 
     async def run() -> float:
         began = time.monotonic()
@@ -83,56 +87,59 @@ def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_l
         return began
 
     began = asyncio.run(run())
-    per_minute = _per_minute(utterances, began, minutes)
-    return {"samples": samples, "per_minute": per_minute, "verdict": verdict(samples, per_minute, utterances, minutes)}
+    return {
+        "samples": samples,
+        "per_minute": [{"minute": m + 1, **_latency(_between(utterances, began, 60 * m, 60 * (m + 1)))}
+                       for m in range(_minutes(utterances, began, minutes))],
+        "verdict": verdict(samples, utterances, began, minutes),
+    }
 
 
-def _per_minute(utterances: list[Utterance], began: float, minutes: float) -> list[dict]:
-    rows = []
+def _minutes(utterances: list[Utterance], began: float, minutes: float) -> int:
     last = max((u.stop_sent - began for u in utterances if u.final), default=0.0)
-    for minute in range(max(math.ceil(minutes), math.floor(last / 60) + 1)):
-        these = [u for u in utterances if u.final and minute * 60 <= u.stop_sent - began < (minute + 1) * 60]
-        latency = [_final_time(u) - u.stop_sent for u in these]
-        cadence = [b - a for u in these for a, b in itertools.pairwise(t for t, m in u.of_type("partial") if t <= u.stop_sent)]
-        rows.append({
-            "minute": minute + 1,
-            "utterances": len(these),
-            "final_p50_s": percentile(latency, 50),
-            "final_p95_s": percentile(latency, 95),
-            "cadence_p50_s": percentile(cadence, 50),
-            "cadence_p95_s": percentile(cadence, 95),
-            "errors": sum(len(u.of_type("error")) for u in these),
-        })
-    return rows
+    return max(math.ceil(minutes), math.floor(last / 60) + 1)
+
+
+def _between(utterances: list[Utterance], began: float, start: float, end: float) -> list[Utterance]:
+    """The utterances whose stop was sent from ``start`` to ``end`` seconds into the soak."""
+    return [u for u in utterances if u.final and start <= u.stop_sent - began < end]
+
+
+def _latency(these: list[Utterance]) -> dict:
+    latency = [_final_time(u) - u.stop_sent for u in these]
+    cadence = [b - a for u in these for a, b in itertools.pairwise(t for t, m in u.of_type("partial") if t <= u.stop_sent)]
+    return {
+        "utterances": len(these),
+        "final_p50_s": percentile(latency, 50),
+        "final_p95_s": percentile(latency, 95),
+        "cadence_p50_s": percentile(cadence, 50),
+        "cadence_p95_s": percentile(cadence, 95),
+        "errors": sum(len(u.of_type("error")) for u in these),
+    }
 
 
 def _final_time(u: Utterance) -> float:
     return next(t for t, m in u.messages if m.get("type") == "final")
 
 
-def verdict(samples: list[dict], per_minute: list[dict], utterances: list[Utterance], minutes: float) -> dict:
+def verdict(samples: list[dict], utterances: list[Utterance], began: float, minutes: float) -> dict:
     """The soak's targets: after the first window, RSS grows < 5 %, descriptors, threads and tasks
     not at all; the last window's final and cadence p95 within 10 % of the first's; no error."""
     window = min(5.0, minutes / 3)
     start = next((s for s in samples if s["t_s"] >= window * 60), samples[-1])
     end = samples[-1]
-    first = [m for m in per_minute if m["minute"] <= math.ceil(window)]
-    last = [m for m in per_minute if m["minute"] > len(per_minute) - math.ceil(window)]
-
-    def mean(rows: list[dict], key: str) -> float | None:
-        values = [r[key] for r in rows if r[key] is not None]
-        return sum(values) / len(values) if values else None
-
+    first = _latency(_between(utterances, began, 0, window * 60))
+    last = _latency(_between(utterances, began, (minutes - window) * 60, minutes * 60 + 3600))
     result = {
         "window_minutes": window,
         "rss_growth": (end["rss_mb"] - start["rss_mb"]) / start["rss_mb"],
         "fds_growth": end["fds"] - start["fds"],
         "threads_growth": end["threads"] - start["threads"],
         "tasks_growth": (end["asyncio_tasks"] or 0) - (start["asyncio_tasks"] or 0),
-        "final_p95_first_s": mean(first, "final_p95_s"),
-        "final_p95_last_s": mean(last, "final_p95_s"),
-        "cadence_p95_first_s": mean(first, "cadence_p95_s"),
-        "cadence_p95_last_s": mean(last, "cadence_p95_s"),
+        "final_p95_first_s": first["final_p95_s"],
+        "final_p95_last_s": last["final_p95_s"],
+        "cadence_p95_first_s": first["cadence_p95_s"],
+        "cadence_p95_last_s": last["cadence_p95_s"],
         "utterances": sum(1 for u in utterances if u.final),
         "errors": sum(len(u.of_type("error")) for u in utterances) + sum(1 for u in utterances if u.error),
     }
