@@ -12,6 +12,11 @@ SMALL = Costs(
     vad_features=0.004, encode_partial=0.03, encode_busy=0.04, encode_busy_windows=2, encode_final=0.2,
     generate_1=0.08, generate_batch=0.17, align_1=0.01, align_batch=0.03, batch=8,
 )
+# Roughly base on the same cores, one worker with both threads.
+BASE = Costs(
+    vad_features=0.013, encode_partial=0.12, encode_busy=0.14, encode_busy_windows=2, encode_final=0.46,
+    generate_1=0.21, generate_batch=0.56, align_1=0.03, align_batch=0.18, batch=8,
+)
 # Roughly large-v3-turbo on the same two cores, two threads.
 BIG = Costs(
     vad_features=0.004, encode_partial=1.2, encode_busy=1.6, encode_busy_windows=2, encode_final=4.8,
@@ -58,9 +63,12 @@ def test_the_layout_that_serves_more_speakers_wins():
     two = choose(SMALL, workers=2)
     one = choose(replace(SMALL, encode_busy=0.08, generate_batch=0.34), workers=1)
     assert two.capacity > one.capacity and better(two, one) is two and better(one, two) is two
-    # A tie in speakers goes to the faster partials.
-    quicker = choose(replace(SMALL, encode_partial=0.025, generate_1=0.075), workers=2)
-    assert quicker.capacity == two.capacity and better(two, quicker) is quicker
+    # A tie in speakers goes to the layout with a finals worker, unless one worker's finals are
+    # clearly faster.
+    alone, paired = choose(BASE, workers=1), choose(BASE, workers=2)
+    assert alone.capacity == paired.capacity and better(alone, paired) is paired is better(paired, alone)
+    sooner = choose(replace(BASE, encode_partial=0.3, encode_busy=0.6, encode_final=0.05, generate_1=0.08, generate_batch=1.5), workers=1)
+    assert sooner.capacity == paired.capacity and better(paired, sooner) is sooner
     slow = choose(BIG, workers=2)
     fast = choose(replace(BIG, encode_partial=0.6, encode_busy=0.8, encode_final=2.4), workers=1)
     assert better(slow, fast) is fast
@@ -69,9 +77,19 @@ def test_the_layout_that_serves_more_speakers_wins():
 def test_one_worker_serves_a_speaker_whose_partials_fit_the_cadence():
     """Base on two slow cores, one worker: a 0.37 s partial every 0.5 s and a 0.8 s final serve one
     speaker; the worker being busy most of the time is no reason to call that out of bounds."""
-    base = Costs(
-        vad_features=0.013, encode_partial=0.12, encode_busy=0.14, encode_busy_windows=2, encode_final=0.46,
-        generate_1=0.21, generate_batch=0.56, align_1=0.03, align_batch=0.18, batch=8,
-    )
-    chosen = choose(base, workers=1)
+    chosen = choose(BASE, workers=1)
     assert chosen.within_bounds and chosen.capacity >= 1 and chosen.partial_every_ms == 500
+
+
+def test_with_one_worker_the_others_finals_hold_up_partials_and_a_second_worker_frees_them():
+    from realtime_stt.capacity import predicted_p95
+
+    def p95(workers, speakers):
+        return predicted_p95(SMALL, speakers, workers=workers, max_batch=8, cadence=0.5, busy_span_always=False)
+
+    # Alone, a speaker's own final never delays its partials or waits for another's.
+    assert p95(1, 1)[0] == p95(2, 1)[0] == 0.5
+    assert p95(1, 1)[1] == final_seconds(SMALL, 25) + partial_seconds(SMALL, 1)
+    # Several: on one worker a round of partials waits behind someone's final; on two it does not.
+    assert p95(1, 4)[0] >= final_seconds(SMALL, 10) + partial_seconds(SMALL, 4) > p95(2, 4)[0]
+    assert p95(2, 4)[1] < p95(1, 4)[1]
