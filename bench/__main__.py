@@ -18,8 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, resolve_model
-from bench.report import environment, markdown, offline, plot, pooled, utterance_figures
+from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, push_to_talk, resolve_model
+from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
 from bench.server import Server, health, model_seconds, model_time_per_call, serve
 from bench.soak import soak
 from bench.soak import write as write_soak
@@ -63,8 +63,8 @@ def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item
 
 def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int) -> dict:
     """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
-    plans = plans_for(items, streams, args.sweep_seconds)
-    utterances, cpu, wall = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
+    plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
+    utterances, cpu, _ = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
     rows = [utterance_figures(u) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
@@ -166,6 +166,8 @@ def main() -> None:
         levels = sweep(server, items, args, partial_every) if args.sweep else []
         run["peak_rss_mb"] = server.peak_rss / 2**20
         server_health = health(server)
+    if server_health.get("calibration"):
+        run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
     if not args.no_offline:
         against_offline(run, rows, offline(model_id, items, args.threads, args.compute_type, server_health["device"]))
     holding = [level["streams"] for level in levels if level["holds"]]
@@ -204,7 +206,7 @@ def run_admission(args: argparse.Namespace, model_id: str, items: list[Item], en
         before = health(server)
         capacity, partial_every = before["max_sessions"], before["partial_every_ms"] / 1000
         streams = 2 * capacity
-        plans = plans_for(items, streams, args.sweep_seconds)
+        plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
         utterances, _, _ = measure(server, plans, 1.0, f"{streams} streams, capacity {capacity}", args.auto_language)
         server_health = health(server)
     refused = [u for u in utterances if u.error and u.error.startswith(REFUSED)]

@@ -95,3 +95,13 @@ def read_pcm(path: Path) -> bytes:
         if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
             raise SystemExit(f"{path}: need 16 kHz mono 16-bit PCM")
         return wav.readframes(wav.getnframes())
+
+
+LONGEST = 30.0  # seconds: the longest push-to-talk utterance
+
+
+def push_to_talk(items: list[Item]) -> list[Item]:
+    """The files of push-to-talk length. Capacity runs (sweep, admission, soak) use only these: a
+    long-form file's final is a different load (several 30 s windows, seconds of decode even alone)
+    and, with a few utterances a level, decides a level's p95 by whether it came up."""
+    return [item for item in items if item.duration <= LONGEST] or items

@@ -63,6 +63,19 @@ def utterance_figures(u: Utterance) -> dict:
     }
 
 
+def predicted(calibration: dict, rows: list[dict], streams: int) -> dict:
+    """What start-up calibration predicts for this run: one speaker's partial cadence p95, and the
+    final latency p50 over these files' durations (model time alone, nothing queued)."""
+    from realtime_stt.capacity import Costs, final_seconds, predicted_p95
+
+    costs = Costs(**calibration["measured"])
+    cadence, _ = predicted_p95(costs, streams, workers=calibration["workers"], max_batch=calibration["max_batch"],
+                               cadence=calibration["partial_every_ms"] / 1000,
+                               busy_span_always=calibration["partial_span_seconds"] == 10)
+    finals = [final_seconds(costs, r["duration_s"]) for r in rows if "error" not in r]
+    return {"cadence_p95_s": cadence, "final_latency_p50_s": percentile(finals, 50)}
+
+
 def final_time(u: Utterance) -> float:
     return next(t for t, m in u.messages if m.get("type") == "final")
 
@@ -195,6 +208,11 @@ def markdown(result: dict) -> str:
                   f"Model time per call, measured in the main run (predicted at start-up): partial batch "
                   f"{_fmt(per_call.get('partial'), ' s')} ({calibration['predicted_partial_s']:.2f} s for one speaker), "
                   f"final {_fmt(per_call.get('final'), ' s')} ({calibration['predicted_final_s']:.2f} s for 10 s of speech)"]
+        expected = run.get("predicted") or {}
+        if expected:
+            lines += [f"Against the calibration's prediction for this run: cadence p95 {_fmt(run['cadence_p95_s'], ' s')} "
+                      f"(predicted {_fmt(expected['cadence_p95_s'], ' s')}), final p50 {_fmt(run['final_latency_p50_s'], ' s')} "
+                      f"(predicted {_fmt(expected['final_latency_p50_s'], ' s')})"]
         if result["sweep"] and result["streams_per_machine"]:
             ratio = calibration["capacity"] / result["streams_per_machine"]
             lines += [f"Calibrated capacity {calibration['capacity']} against {result['streams_per_machine']} measured: "

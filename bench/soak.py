@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.data import Item
+from bench.data import Item, push_to_talk
 from bench.metrics import percentile
 from bench.server import Server
 from bench.stream import Utterance, stream_file
@@ -29,7 +29,6 @@ from bench.stream import Utterance, stream_file
 logger = logging.getLogger("bench")
 
 SAMPLE_SECONDS = 10.0
-LONGEST = 30.0  # seconds: a push-to-talk utterance
 
 
 async def _client(url: str, items: list[Item], offset: int, until: float, done: list[Utterance], auto_language: bool) -> None:
@@ -76,7 +75,7 @@ def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_l
     """Run the soak; its samples, per-minute latency and verdict."""
     utterances: list[Utterance] = []
     samples: list[dict] = []
-    items = [item for item in items if item.duration <= LONGEST] or items
+    items = push_to_talk(items)
 
     async def run() -> float:
         began = time.monotonic()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EVAL_DIR, ROOT, manifest
+from conftest import EVAL_DIR, ROOT, manifest, read_pcm
 
 from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile
 
@@ -91,3 +91,23 @@ def test_a_one_minute_soak_samples_the_server_and_judges_it(tmp_path):
         assert key in verdict, key
     assert figures["per_minute"][0]["utterances"] >= 2
     assert "| holds" in result.stdout
+
+
+def test_a_random_weight_model_of_a_whisper_shape_times_like_one_and_says_so(tmp_path, monkeypatch):
+    """bench.shapes builds a model of tiny's shape with random weights that faster-whisper loads;
+    its decodes end after a sentence's worth of tokens (not Whisper's 448), without fallback."""
+    from faster_whisper import WhisperModel
+
+    from bench.shapes import SPEECH_TOKENS, resolve
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = resolve("random:tiny")
+    assert "random-weights" in path and "random weights" in (tmp_path / "stt-bench" / "random-weights-tiny" / "RANDOM_WEIGHTS.txt").read_text()
+    model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=2)
+    import numpy as np
+
+    audio = np.frombuffer(read_pcm("en_cmu_goforward.wav"), "<i2").astype(np.float32) / 32768
+    segments, _ = model.transcribe(audio, language="en", beam_size=1, without_timestamps=True, vad_filter=False,
+                                   temperature=0.0, condition_on_previous_text=False)
+    [segment] = list(segments)
+    assert len(segment.tokens) == SPEECH_TOKENS and segment.temperature == 0.0

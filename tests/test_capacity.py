@@ -37,10 +37,12 @@ def test_health_tells_what_calibration_measured_and_chose(server):
 
 
 def test_set_values_win_over_calibration(tmp_path):
-    env = {"MAX_SESSIONS": "3", "MAX_BATCH": "2", "INFERENCE_WORKERS": "1", "PARTIAL_EVERY_MS": "700"}
+    env = {"MAX_SESSIONS": "3", "MAX_BATCH": "2", "INFERENCE_WORKERS": "1", "PARTIAL_EVERY_MS": "700",
+           "MAX_PARTIAL_LAG_SECONDS": "0"}
     with start_server(env, tmp_path) as server:
         body = health(server)
     assert (body["max_sessions"], body["inference_workers"], body["partial_every_ms"]) == (3, 1, 700)
+    assert body["max_partial_lag_s"] == 0  # admission by MAX_SESSIONS alone
     assert body["calibration"]["max_batch"] == 2 and body["calibration"]["workers"] == 1
 
 
@@ -100,6 +102,7 @@ def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_
             return during, with_reason, finals, after
 
         during, (code, reason), finals, after = asyncio.run(scenario())
+    assert during["max_partial_lag_s"] == 0.1  # twice the cadence, unless set
     assert during["accepting"] is False and during["partial_lag_s"] > 0.1
     assert code == 1013 and "late" in reason
     assert all(run.final["text"] for run in finals)  # the admitted are still served
