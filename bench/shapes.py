@@ -76,6 +76,7 @@ def build(name: str, quantization: str = "int8") -> Path:
     spec.register_vocabulary(vocabulary[: shape.vocabulary])
     spec.validate()
     spec.optimize(quantization=quantization)
+    partial.mkdir(parents=True)
     spec.save(str(partial))
     shutil.copyfile(reference / "tokenizer.json", partial / "tokenizer.json")
     (partial / "preprocessor_config.json").write_text(json.dumps({"feature_size": shape.mels}))

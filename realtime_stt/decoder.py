@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import os
 import re
+import statistics
 import time
 
 # oneDNN keeps a compiled primitive for every matrix shape it meets, up to 1024 of them; encoder
@@ -135,7 +136,7 @@ class Decoder:
 
     def measure(self, batch: int, *, final: bool = True) -> Costs:
         """Time the calls a partial and a final make, on noise (their cost does not depend on what
-        is said): each once, after one untimed call that pays for lazy initialisation. Generation
+        is said): each a few times, after one untimed call that pays for lazy initialisation. Generation
         is forced to PARTIAL_TOKENS tokens by suppressing the end of text. Without ``final`` the
         30 s encode is left out (0): it is the costliest call, and a layout compared on its
         partials alone need not pay it."""
@@ -398,13 +399,18 @@ class _Voiced:
     language: str | None  # None: detect it on this window
 
 
-def _seconds(call: Callable[[], Any], *, warm: bool = True) -> float:
-    """Wall time of one call, after an untimed one when ``warm``."""
+def _seconds(call: Callable[[], Any], *, warm: bool = True, most: int = 3, budget: float = 0.5) -> float:
+    """Wall time of a call, after an untimed one when ``warm``: the median of up to ``most`` runs,
+    as many as fit in ``budget`` seconds (at least one). One run alone swung the choice of worker
+    layout from one start to the next; calls that take longer vary less."""
     if warm:
         call()
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    times: list[float] = []
+    while not times or (len(times) < most and sum(times) < budget):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tuple[Word, ...]:

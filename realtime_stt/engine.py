@@ -8,6 +8,7 @@ worker threads (decoder.py), so the event loop keeps serving every socket.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -278,26 +279,31 @@ PROBE_BATCH = {"cpu": 8, "cuda": 32}  # the batch calibration measures at, unles
 def calibrate(settings: Settings) -> tuple[Decoder, Plan]:
     """Load the model, time what it will run on this machine, and choose the working values.
 
-    On a CPU with two or more threads, and INFERENCE_WORKERS not set, one worker with every thread
-    and two with half each are both measured (decoder steps gain little from threads, encoders
-    much), and the layout that serves more speakers is kept. The 30 s encode, the costliest call,
-    is measured once; the other layout's is scaled by its partial encode.
+    On a CPU with two or more threads, and INFERENCE_WORKERS not set, two workers with half the
+    threads each and one with every thread are both measured (decoder steps gain little from
+    threads, encoders much), and the layout that serves more speakers is kept. Each layout is
+    timed with no other model loaded: a model just used keeps its threads spinning for a while,
+    which made the next layout measure slower at random. The 30 s encode, the costliest call, is
+    measured once; the other layout's is scaled by its partial encode.
     """
     device = device_of(settings)
     explicit = settings.explicit
     if settings.inference_workers:
         layouts = [settings.inference_workers]
     elif device == "cpu" and settings.cpu_threads >= 2:
-        layouts = [1, 2]
+        layouts = [2, 1]
     else:
         layouts = [1]
     batch = settings.max_batch if "MAX_BATCH" in explicit else PROBE_BATCH.get(device, 8)
-    chosen: tuple[Decoder, Plan] | None = None
+    chosen: Plan | None = None
+    decoder: Decoder | None = None
     for workers in layouts:
+        decoder = None  # the previous layout's model is freed before this one loads
+        gc.collect()
         decoder = Decoder(settings, workers)
         costs = decoder.measure(batch, final=chosen is None)
         if chosen is not None:
-            first = chosen[1].costs
+            first = chosen.costs
             costs = replace(costs, encode_final=first.encode_final * costs.encode_partial / first.encode_partial)
         candidate = plan(
             costs,
@@ -306,11 +312,15 @@ def calibrate(settings: Settings) -> tuple[Decoder, Plan]:
             cadence_given="PARTIAL_EVERY_MS" in explicit,
             max_batch=settings.max_batch if "MAX_BATCH" in explicit else None,
         )
-        if chosen is None or better(candidate, chosen[1]) is candidate:
-            chosen = (decoder, candidate)
-    assert chosen is not None
-    chosen[0].busy_span_always = chosen[1].busy_span_always
-    return chosen
+        if chosen is None or better(candidate, chosen) is candidate:
+            chosen = candidate
+    assert chosen is not None and decoder is not None
+    if decoder.workers != chosen.workers:  # an earlier layout won: load it again
+        decoder = None
+        gc.collect()
+        decoder = Decoder(settings, chosen.workers)
+    decoder.busy_span_always = chosen.busy_span_always
+    return decoder, chosen
 
 
 def working_settings(settings: Settings, chosen: Plan) -> Settings:
