@@ -92,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-seconds", type=float, default=40.0, help="audio per client per sweep level")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compute-type", default="int8_float32")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="the server's DEVICE")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline reference decode")
     parser.add_argument(
         "--auto-language", action="store_true", help="send no language: the server detects it (the offline decode is given it)"
@@ -141,11 +142,11 @@ def main() -> None:
     items = select_items(args, model_id)
     args.out.mkdir(parents=True, exist_ok=True)
     # Sweeps and runs measure latency, not admission: every client is let in, unless --env says not.
-    env = {"CPU_THREADS": str(args.threads), "COMPUTE_TYPE": args.compute_type}
+    env = {"CPU_THREADS": str(args.threads), "COMPUTE_TYPE": args.compute_type, "DEVICE": args.device}
     if not args.admission:
         env.update(MAX_SESSIONS="256", MAX_PARTIAL_LAG_SECONDS="0")
     env.update(pair.split("=", 1) for pair in args.env)
-    tag = f"{Path(args.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tag = f"{Path(args.model).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.soak:
         run_soak(args, model_id, items, env, tag)
         return
@@ -166,6 +167,8 @@ def main() -> None:
         levels = sweep(server, items, args, partial_every) if args.sweep else []
         run["peak_rss_mb"] = server.peak_rss / 2**20
         server_health = health(server)
+    if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
+        run.update(wer_final=None, wer_last_partial=None)
     if server_health.get("calibration"):
         run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
     if not args.no_offline:

@@ -171,7 +171,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"### {env['model']} ({env['compute_type']}, {env['threads']} threads, {env['cpu']}, {env['cores']} cores), "
         f"{run['files']} files, {env['streams']} stream(s) at {env['speed']}x"
-        + (", no language sent" if env.get("auto_language") else ""),
+        + (", no language sent" if env.get("auto_language") else "")
+        + (" (random weights: timing only, its text is noise)" if str(env["model"]).startswith("random:") else ""),
         "",
         "| figure | value |",
         "|---|---|",

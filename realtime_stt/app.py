@@ -10,6 +10,7 @@ import logging
 import secrets
 import signal
 import threading
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -111,6 +112,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     logger.info("loading model %s (device=%s, compute_type=%s)", settings.model_id, settings.device, settings.compute_type)
+    began = time.monotonic()
     try:
         engine = await asyncio.to_thread(Engine, settings, service.metrics)
     except ModelLoadError as exc:
@@ -119,7 +121,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.start()
     service.settings = engine.settings  # the working values: calibration's, where the environment set none
     service.engine = engine
-    logger.info("model ready on %s; languages: %d", engine.device, len(engine.languages))
+    logger.info("model loaded and calibrated on %s in %.1f s; languages: %d", engine.device,
+                time.monotonic() - began, len(engine.languages))
     logger.info("%s", engine.plan.describe(settings.model_id, engine.device))
     restore = _drain_on_signals(service)
     try:

@@ -137,7 +137,8 @@ def predicted_p95(costs: Costs, speakers: int, *, workers: int, max_batch: int, 
     if workers > 1:  # the finals have a worker of their own
         return max(cadence, tick), longest + queued
     blocked = typical if others > 0.05 else 0.0  # a round of partials that came after a final
-    return max(cadence, tick / (1 - finals_share) + blocked), longest + tick + queued
+    # A speaker's own final comes after its partials; only the others' take the worker from them.
+    return max(cadence, tick / (1 - others) + blocked), longest + tick + queued
 
 
 def serves(costs: Costs, speakers: int, *, workers: int, max_batch: int, cadence: float, busy_span_always: bool) -> bool:
