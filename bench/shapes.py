@@ -14,7 +14,8 @@ Plain random weights would make every decode as costly as Whisper's worst: unsur
 So the decoder's position encodings are made to dominate what it reads: up to position
 SPEECH_TOKENS + 4 each position picks one token, surely and a different one each time, and from
 there on the end of text. A decode then writes about as many tokens as a sentence of speech
-(36, a 10 s utterance's worth), with no fallback: the same work a real decode does.
+(37: one read from the prompt's last position, then SPEECH_TOKENS, a 10 s utterance's worth), with
+no fallback: the same work a real decode does.
 """
 
 from __future__ import annotations

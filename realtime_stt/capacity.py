@@ -123,8 +123,8 @@ def predicted_p95(costs: Costs, speakers: int, *, workers: int, max_batch: int, 
     """Predicted partial cadence p95 and final latency p95 of ``speakers`` real-time speakers.
 
     The other speakers' finals keep a worker busy for a share of the time; once that share passes
-    5 %, the p95 final waits for the rest of one of theirs first. With one worker, partials wait behind the
-    other speakers' finals too: then the p95 round of partials is one that came after a final.
+    5 %, the p95 final waits for the rest of one of theirs first. With one worker, partials wait
+    behind the other speakers' finals too: then the p95 round of partials is one after a final.
     """
     partial_workers = workers - 1 if workers > 1 else 1
     tick = tick_seconds(costs, speakers, max_batch, partial_workers, busy_span_always)
@@ -166,9 +166,9 @@ def plan(
         cadence_ms = max(partial_every_ms, 100 * math.ceil(10 * one / CADENCE_ROOM))
     cadence = cadence_ms / 1000
     batch = max_batch or _largest_batch(costs, cadence, busy_span_always)
-    speakers = [n for n in range(1, MOST_SPEAKERS + 1) if not serves(costs, n, workers=workers, max_batch=batch,
-                                                                        cadence=cadence, busy_span_always=busy_span_always)]
-    capacity = (speakers[0] - 1) if speakers else MOST_SPEAKERS
+    capacity = next((n - 1 for n in range(1, MOST_SPEAKERS + 1)
+                     if not serves(costs, n, workers=workers, max_batch=batch, cadence=cadence, busy_span_always=busy_span_always)),
+                    MOST_SPEAKERS)
     return Plan(
         workers=workers,
         max_batch=batch,

@@ -110,4 +110,5 @@ def test_a_random_weight_model_of_a_whisper_shape_times_like_one_and_says_so(tmp
     segments, _ = model.transcribe(audio, language="en", beam_size=1, without_timestamps=True, vad_filter=False,
                                    temperature=0.0, condition_on_previous_text=False)
     [segment] = list(segments)
-    assert len(segment.tokens) == SPEECH_TOKENS and segment.temperature == 0.0
+    # The prompt's last position picks a token too, then SPEECH_TOKENS positions, then the end.
+    assert len(segment.tokens) == SPEECH_TOKENS + 1 and segment.temperature == 0.0

@@ -236,7 +236,9 @@ def test_a_client_that_never_reads_costs_no_memory_and_delays_no_one(tmp_path):
         cadence = sorted(b - a for run_ in reader for (a, _), (b, _) in zip(run_.messages, run_.messages[1:]))
         assert cadence[int(0.95 * (len(cadence) - 1))] <= 1.0, cadence[-5:]
         assert all(wer(manifest()[n]["text"], r.final["text"]) <= WER_BOUND + 0.13 for n, r in zip((SPEECH, SHORT, THIRD), reader))
-        assert rss_late - rss_early < 0.10 * rss_early, (rss_early, rss_late)
+        # The model's allocations saw RSS up and down by about 15 % from one second to the next
+        # (README, soak); what a client that never reads could pile up is far more than that.
+        assert rss_late - rss_early < 0.25 * rss_early, (rss_early, rss_late)
 
         async def floods():
             ws = await websockets.connect(server.ws_url, max_queue=1)
