@@ -42,22 +42,27 @@ def test_error_rate_pools_words_and_scores_characters_for_chinese():
     assert error_rate([("今天天气", "今天天气", "zh")]) == 0.0
 
 
-def test_a_short_real_run_produces_every_figure(tmp_path):
-    name = "en_cmu_goforward.wav"
-    assert name in manifest(), f"{EVAL_DIR} lacks {name}"
+def run_bench(out, report: str, timeout: int, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python -m bench --model tiny.en ARGS`` into ``out``; its output and its one JSON report."""
     result = subprocess.run(
-        # A twentieth of real time: the 2.8 s file gets partials with text, so the partial figures are
-        # exercised, even on a machine too slow to decode in real time (on the CI machine at 0.1x, each
-        # partial decode took up to 12 s and the last one before the stop covered under a second).
-        [sys.executable, "-m", "bench", "--model", "tiny.en", "--files", name, "--speed", "0.05", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--model", "tiny.en", *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    [report] = tmp_path.glob("*.json")
-    figures = json.loads(report.read_text())
+    [path] = out.glob(report)
+    return result, json.loads(path.read_text())
+
+
+def test_a_short_real_run_produces_every_figure(tmp_path):
+    name = "en_cmu_goforward.wav"
+    assert name in manifest(), f"{EVAL_DIR} lacks {name}"
+    # A twentieth of real time: the 2.8 s file gets partials with text, so the partial figures are
+    # exercised, even on a machine too slow to decode in real time (on the CI machine at 0.1x, each
+    # partial decode took up to 12 s and the last one before the stop covered under a second).
+    result, figures = run_bench(tmp_path, "*.json", 900, "--files", name, "--speed", "0.05")
     run = figures["run"]
     assert run["files"] == 1 and run["dropped"] == 0 and run["errors"] == 0
     assert 0 <= run["wer_final"] <= 0.2 and run["offline_wer"] is not None
@@ -72,16 +77,7 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
 
 
 def test_a_one_minute_soak_samples_the_server_and_judges_it(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--model", "tiny.en", "--streams", "2", "--soak", "1", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    [report] = tmp_path.glob("soak-*.json")
-    figures = json.loads(report.read_text())
+    result, figures = run_bench(tmp_path, "soak-*.json", 600, "--streams", "2", "--soak", "1")
     samples = figures["samples"]
     assert len(samples) >= 6 and samples[-1]["t_s"] >= 60
     assert all(s["rss_mb"] > 50 and s["fds"] > 0 and s["threads"] > 0 and s["asyncio_tasks"] > 0 for s in samples)
