@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 import threading
 import time
@@ -210,7 +209,7 @@ async def _health(request: Request) -> JSONResponse:
 
 async def _metrics(request: Request) -> Response:
     service: Service = request.app.state.service
-    if not _key_given(request.headers.get("authorization"), request.query_params.get("token"), service.settings):
+    if not service.settings.key_given(request.headers.get("authorization"), request.query_params.get("token")):
         return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, status_code=401)
     return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -262,19 +261,10 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
     return f"{parts.scheme}://{parts.netloc}" in allowed or netloc_host in allowed
 
 
-def _key_given(authorization: str | None, token: str | None, settings: Settings) -> bool:
-    """Whether the request carries API_KEY (always, when none is set)."""
-    if settings.api_key is None:
-        return True
-    header = authorization or ""
-    given = header[7:] if header.lower().startswith("bearer ") else token or ""
-    return secrets.compare_digest(given.encode(), settings.api_key.encode())
-
-
 def _denied(ws: WebSocket, settings: Settings) -> tuple[str, str] | None:
     """Why this socket may not be served at all (metric label, close reason), if it may not."""
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), settings.allowed_origins):
         return "origin", f"origin {ws.headers.get('origin')!r} is not allowed; add it to ALLOWED_ORIGINS"
-    if not _key_given(ws.headers.get("authorization"), ws.query_params.get("token"), settings):
+    if not settings.key_given(ws.headers.get("authorization"), ws.query_params.get("token")):
         return "auth", "missing or wrong API key: send 'Authorization: Bearer <key>' or ?token=<key>"
     return None

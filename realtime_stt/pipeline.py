@@ -34,6 +34,29 @@ class UtteranceTooLong(Exception):
     """The utterance passed MAX_UTTERANCE_SECONDS."""
 
 
+def language_choice(engine: Engine, given: str | None) -> str | None:
+    """A language code the model knows, or None to detect it ('auto', empty or None); OptionsError
+    for any other (every adapter refuses in the same words)."""
+    language = (given or "").strip().lower()
+    if language in ("", "auto"):
+        return None if engine.multilingual else "en"
+    if language not in engine.languages:
+        known = ", ".join(engine.languages)
+        shown = repr(language) if len(language) <= 20 else repr(language[:17] + "...")
+        raise OptionsError(f"unsupported language {shown}; this model knows: {known}, or auto")
+    return language
+
+
+def check_can_translate(engine: Engine, model_id: str) -> None:
+    """OptionsError, saying why, where the loaded model cannot translate."""
+    if not engine.can_translate:
+        raise OptionsError(
+            f"model {model_id!r} cannot translate: "
+            + ("it is English-only" if not engine.multilingual else "it was not trained for translation")
+            + "; use task 'transcribe' or a model such as large-v3"
+        )
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     """What the speaker chose for their utterances."""
@@ -197,26 +220,11 @@ class Pipeline:
             raise OptionsError("config must come before the audio of an utterance; it was ignored")
         changes = dict(changes)
         if "language" in changes:
-            changes["language"] = self._language(changes["language"])
-        if changes.get("task") == "translate" and not self.engine.can_translate:
-            raise OptionsError(
-                f"model {self.settings.model_id!r} cannot translate: "
-                + ("it is English-only" if not self.engine.multilingual else "it was not trained for translation")
-                + "; use task 'transcribe' or a model such as large-v3"
-            )
+            changes["language"] = language_choice(self.engine, changes["language"])
+        if changes.get("task") == "translate":
+            check_can_translate(self.engine, self.settings.model_id)
         self.options = replace(self.options, **changes)
         self.utterance = self._new_utterance()  # no audio yet: it starts under the new options
-
-    def _language(self, given: str | None) -> str | None:
-        """A language code the model knows, or None to detect it ('auto', empty or None)."""
-        language = (given or "").strip().lower()
-        if language in ("", "auto"):
-            return None if self.engine.multilingual else "en"
-        if language not in self.engine.languages:
-            known = ", ".join(self.engine.languages)
-            shown = repr(language) if len(language) <= 20 else repr(language[:17] + "...")
-            raise OptionsError(f"unsupported language {shown}; this model knows: {known}, or auto")
-        return language
 
     def _new_utterance(self) -> Utterance:
         language = self.options.language

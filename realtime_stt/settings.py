@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -80,6 +81,15 @@ class Settings:
             ),
             explicit=frozenset(name for name in CALIBRATED if env.get(name, "").strip()),
         )
+
+    def key_given(self, authorization: str | None, token: str | None = None) -> bool:
+        """Whether a request carries API_KEY, as ``Authorization: Bearer <key>`` or a token (always,
+        when none is set)."""
+        if self.api_key is None:
+            return True
+        header = authorization or ""
+        given = header[7:] if header.lower().startswith("bearer ") else token or ""
+        return secrets.compare_digest(given.encode(), self.api_key.encode())
 
 
 def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float, kind: type) -> float:
