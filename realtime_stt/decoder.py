@@ -4,12 +4,15 @@ against the versions pinned in requirements.txt.
 
 Three decodes: a batch of partial windows from many sessions (VAD, one encode, language detection
 where none is given, one greedy generate, word alignment); a final of up to 30 s (one encode,
-untimed decode, word alignment); and a longer final, as offline faster-whisper decodes it.
+untimed decode, word alignment); and a longer final, as offline faster-whisper decodes it. An
+uploaded file is read with PyAV as faster-whisper reads one and decoded as offline faster-whisper
+decodes it, one 30 s window at a time.
 """
 
 from __future__ import annotations
 
 import contextvars
+import gc
 import os
 import re
 import statistics
@@ -19,24 +22,37 @@ import time
 # inputs change shape with every window, so the cache grew the server's memory for minutes and gave
 # no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import av
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
-from faster_whisper.audio import pad_or_trim
+from faster_whisper.audio import (
+    _group_frames,
+    _ignore_invalid_frames,
+    _resample_frames,
+    pad_or_trim,
+)
 from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import get_suppressed_tokens, merge_punctuations
-from faster_whisper.vad import SpeechTimestampsMap, get_speech_timestamps
+from faster_whisper.transcribe import (
+    get_suppressed_tokens,
+    merge_punctuations,
+    restore_speech_timestamps,
+)
+from faster_whisper.vad import (
+    SpeechTimestampsMap,
+    collect_chunks,
+    get_speech_timestamps,
+)
 
 from realtime_stt.capacity import PARTIAL_TOKENS, Costs
 from realtime_stt.settings import SAMPLE_RATE, Settings
 from realtime_stt.vad import VAD_OPTIONS
 from realtime_stt.words import Word, join_words
-
 
 N_FRAMES = 3000  # Whisper's 30 s window in mel frames
 WINDOW_SAMPLES = N_FRAMES * SAMPLE_RATE // 100
@@ -50,6 +66,14 @@ PROMPT_BUCKETS = (0, 8, 16, 32, 48)  # prompt lengths a batch is cut to
 
 class ModelLoadError(RuntimeError):
     """The model named by MODEL_ID could not be loaded."""
+
+
+class NotAudio(ValueError):
+    """A file that holds no audio PyAV can decode; the message says what was wrong."""
+
+
+class AudioTooLong(ValueError):
+    """A file whose audio runs longer than the limit it was read with."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,23 @@ class Transcript:
     @property
     def text(self) -> str:
         return join_words(self.words)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a file's decode, as offline faster-whisper gives it; times in seconds of the file."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str  # with Whisper's leading space
+    tokens: tuple[int, ...]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: tuple[Word, ...] = ()  # only when word timestamps were asked for
 
 
 class Decoder:
@@ -253,6 +294,34 @@ class Decoder:
         [alignment] = model.find_alignment(tokenizer, [tokens], encoded, frames) if tokens else [[]]
         words = _aligned_words(SpeechTimestampsMap(chunks, SAMPLE_RATE), alignment)
         return Transcript(words, language, language_probability=probability, speech_seconds=speech.size / SAMPLE_RATE)
+
+    def file_language(self, audio: np.ndarray, chunks: list[dict]) -> tuple[str, float]:
+        """The language of a file and its probability, detected as offline faster-whisper detects it:
+        on the first 30 s of its speech (one encode, one decoder step)."""
+        speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])[:WINDOW_SAMPLES]
+        language, probability, _ = self.model.detect_language(speech)
+        return language, float(probability)
+
+    def file_segments(self, audio: np.ndarray, chunks: list[dict], options: DecodeOptions, words: bool) -> Iterator[Segment]:
+        """A file's segments as plain offline faster-whisper decodes them (``transcribe`` with
+        ``vad_filter``: its speech, ``chunks``, cut out and joined, each 30 s window conditioned on
+        the text before). ``options.language`` must be set, so that this call runs no model: it
+        computes the features and returns a lazy iterator, each ``next`` of which runs at most one
+        window's decode (and its word alignment when ``words``), or none when the window's segments
+        are already decoded."""
+        speech = np.concatenate(collect_chunks(audio, chunks)[0])
+        segments, _ = self.model.transcribe(
+            speech,
+            language=options.language,
+            task=options.task,
+            beam_size=options.beam_size,
+            initial_prompt=options.prompt or None,
+            temperature=list(options.temperatures),
+            word_timestamps=words,
+            vad_filter=False,
+            condition_on_previous_text=True,
+        )
+        return (_segment(s) for s in restore_speech_timestamps(segments, chunks, SAMPLE_RATE))
 
     def decode_batch(self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions]) -> list[Transcript]:
         """Decode several sessions' windows (at most 30 s each) in one batch.
@@ -430,6 +499,50 @@ def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tupl
             )
         )
     return tuple(words)
+
+
+def _segment(segment: Any) -> Segment:
+    words = tuple(Word(float(w.start), float(w.end), w.word, float(w.probability)) for w in segment.words or ())
+    return Segment(
+        segment.id, segment.seek, float(segment.start), float(segment.end), segment.text, tuple(segment.tokens),
+        float(segment.temperature or 0.0), float(segment.avg_logprob), float(segment.compression_ratio),
+        float(segment.no_speech_prob), words,
+    )
+
+
+def speech_chunks(audio: np.ndarray) -> list[dict]:
+    """Where a file's speech is, as offline faster-whisper's VAD filter finds it (sample ranges)."""
+    return get_speech_timestamps(audio, VAD_OPTIONS) if audio.size else []
+
+
+def read_audio(source: BinaryIO, most_seconds: float) -> np.ndarray:
+    """A file's first audio stream as float32 16 kHz mono: decoded and resampled by PyAV with
+    faster-whisper's own steps (its ``decode_audio``), but counted as it goes, so that a small
+    compressed file holding hours of audio is refused (AudioTooLong) before it fills the memory.
+    NotAudio for a file with no audio PyAV can decode."""
+    limit = int(most_seconds * SAMPLE_RATE)
+    pieces: list[np.ndarray] = []
+    samples = 0
+    resampler = av.audio.resampler.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    try:
+        with av.open(source, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise NotAudio(f"the file holds no audio stream (it reads as {container.format.name})")
+            frames = _resample_frames(_group_frames(_ignore_invalid_frames(container.decode(audio=0)), 500_000), resampler)
+            for frame in frames:
+                piece = frame.to_ndarray().reshape(-1)
+                samples += piece.size
+                if samples > limit:
+                    raise AudioTooLong(f"the audio runs longer than {most_seconds:g} s")
+                pieces.append(piece)
+    except av.error.FFmpegError as exc:
+        raise NotAudio(f"the file could not be decoded as audio ({exc.strerror or type(exc).__name__})") from exc
+    finally:
+        # As decode_audio does: some of the resampler's objects are freed only by a collection.
+        del resampler
+        gc.collect()
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
+    return audio.astype(np.float32) / 32768.0
 
 
 def device_of(settings: Settings) -> str:

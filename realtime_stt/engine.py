@@ -1,8 +1,9 @@
 """The engine: one shared model, one queue of decodes, and the inference workers that take from it.
 
-Finals go before partials and partials before speculation; the partials that are due from all
-sessions run as one batch; a job its requester no longer wants is dropped unrun. Decodes run in
-worker threads (decoder.py), so the event loop keeps serving every socket.
+Finals go before partials and partials before speculation, and an uploaded file's windows after
+all of them; the partials that are due from all sessions run as one batch; a job its requester no
+longer wants is dropped unrun. Decodes run in worker threads (decoder.py), so the event loop keeps
+serving every socket.
 """
 
 from __future__ import annotations
@@ -11,25 +12,36 @@ import asyncio
 import gc
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from realtime_stt.capacity import Plan, better, plan
-from realtime_stt.decoder import DecodeOptions, Decoder, Transcript, device_of
+from realtime_stt.decoder import (
+    DecodeOptions,
+    Decoder,
+    Segment,
+    Transcript,
+    device_of,
+    speech_chunks,
+)
 from realtime_stt.metrics import Metrics
-from realtime_stt.settings import Settings
+from realtime_stt.settings import SAMPLE_RATE, Settings
 
 PRIORITY_FINAL = 0
 PRIORITY_PARTIAL = 1
 PRIORITY_SPECULATIVE = 2  # a final decoded ahead of the stop, with time nobody else wants
-KINDS = {PRIORITY_FINAL: "final", PRIORITY_PARTIAL: "partial", PRIORITY_SPECULATIVE: "speculative"}
+# A step of an uploaded file's decode, at most one 30 s window: after every live job, so that a live
+# partial or final waits at most one window behind an upload.
+PRIORITY_UPLOAD = 3
+KINDS = {PRIORITY_FINAL: "final", PRIORITY_PARTIAL: "partial", PRIORITY_SPECULATIVE: "speculative", PRIORITY_UPLOAD: "upload"}
 LOAD_WINDOW_SECONDS = 3.0
 SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.01
 LAG_WINDOW_SECONDS = 5.0
+_NO_AUDIO = np.zeros(0, dtype=np.float32)  # an upload step carries its own work, not audio
 
 
 @dataclass(order=True)
@@ -43,6 +55,17 @@ class Job:
     requester: object = field(default=None, compare=False)  # the session that asked
     started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
     submitted: float = field(default=0.0, compare=False)  # loop time it was queued
+    work: Callable[[], Any] | None = field(default=None, compare=False)  # an upload's step, in place of a decode
+
+
+@dataclass(frozen=True)
+class FileDecode:
+    """An uploaded file on its way through the engine: its language, and the lazy decode whose
+    every step (``Engine.next_segment``) is one job."""
+
+    language: str | None
+    duration: float
+    steps: Iterator[Segment]
 
 
 class Engine:
@@ -121,6 +144,36 @@ class Engine:
         self._queued.set()
         return job
 
+    async def open_file(self, audio: np.ndarray, options: DecodeOptions, *, words: bool, is_stale: Callable[[], bool]) -> FileDecode | None:
+        """Start an uploaded file's decode, as offline faster-whisper decodes it; None if it went stale.
+
+        VAD and the features run in a plain thread, as the sessions' VAD does (no model call); the
+        language, where it must be detected, is one job at the upload priority."""
+        duration = audio.size / SAMPLE_RATE
+        chunks = await asyncio.to_thread(speech_chunks, audio)
+        if not chunks:
+            return FileDecode(options.language or (None if self.multilingual else "en"), duration, iter(()))
+        language = options.language or (None if self.multilingual else "en")
+        if language is None:
+            detected = await self._step(lambda: self.decoder.file_language(audio, chunks), is_stale)
+            if detected is None:
+                return None
+            language = detected[0]
+        steps = await asyncio.to_thread(self.decoder.file_segments, audio, chunks, replace(options, language=language), words)
+        return FileDecode(language, duration, steps)
+
+    async def next_segment(self, decode: FileDecode, is_stale: Callable[[], bool]) -> Segment | None:
+        """The file's next segment, as one job at the upload priority; None at its end or once stale."""
+        return await self._step(lambda: next(decode.steps, None), is_stale)
+
+    async def _step(self, work: Callable[[], Any], is_stale: Callable[[], bool]) -> Any:
+        loop = asyncio.get_running_loop()
+        job = Job(PRIORITY_UPLOAD, next(self._seq), _NO_AUDIO, None, is_stale, loop.create_future(),
+                  submitted=loop.time(), work=work)
+        self._queue.append(job)
+        self._queued.set()
+        return await job.future
+
     def has_time_for(self, requester: object) -> bool:
         """Whether a speculative decode for ``requester`` would take time nobody else wants: the
         model mostly idle, and no other session streaming (one whole-utterance decode would hold up
@@ -170,13 +223,19 @@ class Engine:
     async def _work(self, *, finals_only: bool) -> None:
         """One worker: takes the next job (partials in batches) and runs it, until cancelled."""
         final_ran = False
+        # Uploads go to a worker that takes no partials, where there is one: a window (a second or
+        # more) there holds up no partial batch.
+        uploads = finals_only or self.workers == 1
         while True:
-            first = self._take_next(finals_only=finals_only, final_ran=final_ran)
+            first = self._take_next(finals_only=finals_only, final_ran=final_ran, uploads=uploads)
             if first is None:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
             batch = self._live([first])
+            if batch and batch[0].work is not None:
+                await self._run_step(batch[0])
+                continue
             if batch and _batchable(batch[0]):
                 # The sessions that shared the last batch come back within a few ms of each other.
                 await asyncio.sleep(BATCH_GATHER_SECONDS)
@@ -185,8 +244,8 @@ class Engine:
                 final_ran = batch[0].priority == PRIORITY_FINAL
                 await self._run(batch)
 
-    def _take_next(self, *, finals_only: bool, final_ran: bool) -> Job | None:
-        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran)
+    def _take_next(self, *, finals_only: bool, final_ran: bool, uploads: bool) -> Job | None:
+        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran, uploads=uploads)
         if job is not None:
             self._queue.remove(job)
         return job
@@ -225,6 +284,23 @@ class Engine:
             self._forget_busy(loop.time())
             metrics.model_seconds.labels(kind).observe(loop.time() - start)
 
+    async def _run_step(self, job: Job) -> None:
+        """One step of an upload. Its time is left out of ``load``: speculation, which comes before
+        uploads, may still take it."""
+        assert job.work is not None
+        job.started = True
+        start = asyncio.get_running_loop().time()
+        try:
+            result = await asyncio.to_thread(job.work)
+        except Exception as exc:  # noqa: BLE001 (handed to the upload that asked, which reports it)
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+        finally:
+            self.metrics.model_seconds.labels(KINDS[PRIORITY_UPLOAD]).observe(asyncio.get_running_loop().time() - start)
+
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs still wanted; the others are answered None without running."""
         live = []
@@ -247,14 +323,17 @@ class Engine:
         return taken
 
 
-def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool) -> Job | None:
-    """The job a worker takes next: finals, then partials, then speculation, oldest first.
+def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool, uploads: bool = True) -> Job | None:
+    """The job a worker takes next: finals, then partials, then speculation, then uploads, oldest first.
 
     A worker that just ran a final takes a waiting partial before the next final: a burst of finals
     would stall every other speaker's partials, and one batch delays a final little. A finals-only
-    worker takes no partials.
+    worker takes no partials; a worker without ``uploads`` takes no upload steps.
     """
-    jobs = [job for job in queue if not (finals_only and job.priority == PRIORITY_PARTIAL)]
+    jobs = [
+        job for job in queue
+        if not (finals_only and job.priority == PRIORITY_PARTIAL or not uploads and job.priority == PRIORITY_UPLOAD)
+    ]
     if not jobs:
         return None
     job = min(jobs)

@@ -15,9 +15,11 @@ disable_created_metrics()  # no *_created series: a scrape shows what the server
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 MODEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-MODEL_KINDS = ("partial", "final", "speculative")
+MODEL_KINDS = ("partial", "final", "speculative", "upload")
 REFUSALS = ("auth", "origin", "busy", "overloaded", "loading", "draining")
 ENDINGS = ("client", "idle", "too_long", "slow_reader", "restart", "error")
+# How uploads (the OpenAI-compatible API) ended: answered, or refused with the status it got.
+UPLOAD_RESULTS = ("ok", "bad_request", "auth", "too_large", "busy", "unavailable", "client_gone", "error")
 
 
 class Metrics:
@@ -63,6 +65,13 @@ class Metrics:
             "stt_partials_replaced", "Partials never sent: a newer one replaced them while the client was not reading",
             registry=registry,
         )
+        self.uploads = Counter(
+            "stt_uploads", "Uploads to the OpenAI-compatible API, by how they ended", ["result"], registry=registry
+        )
+        self.uploads_active = Gauge("stt_uploads_active", "Uploads in the server now, from headers to answer", registry=registry)
+        self.upload_audio_seconds = Counter(
+            "stt_upload_audio_seconds", "Seconds of uploaded audio transcribed", registry=registry
+        )
         tasks = Gauge("stt_asyncio_tasks", "asyncio tasks alive in the server's event loop", registry=registry)
         tasks.set_function(lambda: len(asyncio.all_tasks()) if _loop_running() else 0)
         for kind in MODEL_KINDS:  # every labelled series exists from the start, at 0
@@ -71,6 +80,8 @@ class Metrics:
             self.refusals.labels(reason)
         for reason in ENDINGS:
             self.sessions_ended.labels(reason)
+        for result in UPLOAD_RESULTS:
+            self.uploads.labels(result)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
