@@ -7,17 +7,20 @@ messages come while audio arrives and a ``final`` after the stop (README: the pr
 The code, in ``realtime_stt/``, one module per concern; imports point down this list only:
 
 - ``app``        the FastAPI app: loads the model in its lifespan, ``/health``, ``/metrics``, the
-                 page at ``/``, ``/ws`` behind the API key and the allowed origins, the sessions
-                 open, and the drain on SIGTERM/SIGINT that sends every final before a restart.
+                 page at ``/``, ``/ws`` and ``/v1`` behind the API key and the allowed origins, the
+                 sessions open, and the drain on SIGTERM/SIGINT that sends every final before a restart.
 - ``protocol``   the seed WebSocket protocol (JSON messages, validation, close codes, idle and
                  slow-reader limits): a thin adapter that feeds a pipeline and sends what it gives
                  back, the newest partial only when the client reads slowly.
+- ``openai_api`` the OpenAI-compatible ``/v1/audio/transcriptions``, ``/v1/audio/translations`` and
+                 ``/v1/models``: a thin adapter that reads a posted file and has the engine decode it
+                 as offline faster-whisper does, one 30 s window per job below every live job.
 - ``pipeline``   one speaker's utterances, with no knowledge of sockets or JSON: the audio buffer,
                  partials on a shared clock grid, the speculative final, the final and its
                  read-on after a skipped stretch.
 - ``engine``     the one shared model's queue and inference workers: finals before partials before
-                 speculation, partials of all sessions batched, stale jobs dropped unrun; at
-                 start-up it calibrates the model on this machine.
+                 speculation before uploads, partials of all sessions batched, stale jobs dropped
+                 unrun; at start-up it calibrates the model on this machine.
 - ``capacity``   pure: from the measured cost of each model call to the working values (workers,
                  batch size, cadence) and the number of real-time speakers this machine serves.
 - ``decoder``    the model and its decodes, run in worker threads; every faster-whisper internal

@@ -1,6 +1,6 @@
-"""The app: the model loaded once in the lifespan, /health, /metrics, the page at /, and /ws behind
-the API key and the allowed origins; on SIGTERM or SIGINT, a drain that sends every final before
-uvicorn shuts down."""
+"""The app: the model loaded once in the lifespan, /health, /metrics, the page at /, /ws and the
+OpenAI-compatible /v1 routes behind the API key and the allowed origins; on SIGTERM or SIGINT, a
+drain that sends every final before uvicorn shuts down."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from realtime_stt.decoder import ModelLoadError
 from realtime_stt.engine import Engine
 from realtime_stt.metrics import Metrics
+from realtime_stt.openai_api import OpenAIApi, Serving
 from realtime_stt.protocol import (
     CLOSE_INTERNAL,
     CLOSE_POLICY,
@@ -101,7 +103,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.add_api_websocket_route("/ws", _transcribe)
+    OpenAIApi(app.state.service.metrics, partial(_serving, app.state.service)).add_routes(app)
     return app
+
+
+def _serving(service: Service, request: Request) -> Serving:
+    """What the OpenAI-compatible routes need to know of the app for one request."""
+    settings = service.settings
+    allowed = origin_allowed(request.headers.get("origin"), request.headers.get("host"), settings.allowed_origins)
+    return Serving(settings, service.engine, service.draining.is_set(), allowed)
 
 
 @asynccontextmanager

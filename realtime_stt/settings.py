@@ -41,6 +41,11 @@ class Settings:
     send_timeout_seconds: float = 20.0
     # New sockets are refused while partials run this late (None: twice the cadence; 0: never).
     max_partial_lag_seconds: float | None = None
+    # Uploads (the OpenAI-compatible API): OpenAI's own size limit; a cap on the decoded audio, as a
+    # small compressed file can hold hours; and how many may be in the server at once (the rest: 429).
+    max_upload_mb: float = 25.0
+    max_upload_seconds: float = 3600.0
+    max_uploads: int = 4
     # The variables the environment set: those win over what calibration would choose.
     explicit: frozenset[str] = frozenset()
 
@@ -79,6 +84,9 @@ class Settings:
                 _number(env, "MAX_PARTIAL_LAG_SECONDS", 0.0, 0.0, 3600.0, float)
                 if env.get("MAX_PARTIAL_LAG_SECONDS", "").strip() else None
             ),
+            max_upload_mb=_number(env, "MAX_UPLOAD_MB", defaults.max_upload_mb, 0.001, 100_000.0, float),
+            max_upload_seconds=_number(env, "MAX_UPLOAD_SECONDS", defaults.max_upload_seconds, 1.0, 86_400.0, float),
+            max_uploads=int(_number(env, "MAX_UPLOADS", defaults.max_uploads, 1, 10_000, int)),
             explicit=frozenset(name for name in CALIBRATED if env.get(name, "").strip()),
         )
 

@@ -6,10 +6,12 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-# Each module and the package modules it may import: protocol -> pipeline -> engine, policy, VAD -> settings.
+# Each module and the package modules it may import: protocol adapters (protocol, openai_api) ->
+# pipeline -> engine, policy, VAD -> settings.
 ALLOWED = {
-    "app": {"protocol", "engine", "decoder", "metrics", "settings"},
+    "app": {"protocol", "openai_api", "engine", "decoder", "metrics", "settings"},
     "protocol": {"pipeline", "engine", "settings"},
+    "openai_api": {"pipeline", "engine", "decoder", "metrics", "settings"},
     "pipeline": {"engine", "decoder", "policy", "vad", "settings", "words"},
     "engine": {"capacity", "decoder", "metrics", "settings"},
     "decoder": {"capacity", "vad", "settings", "words"},
