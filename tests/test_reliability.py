@@ -174,6 +174,7 @@ def test_sigterm_mid_utterance_sends_every_final_then_1012_and_exits(tmp_path):
                 ends = [asyncio.create_task(closed(ws)) for ws in (talking, waiting, idle)]
                 speaking_on = asyncio.create_task(stream(talking, read_pcm(SHORT)))  # audio after it is not waited for
                 health = await asyncio.to_thread(draining_health, server)
+                await asyncio.to_thread(upload_refused_while_draining, server)
                 async with websockets.connect(server.ws_url) as late:
                     refused = await closed(late)
                 results = await asyncio.gather(*ends)
@@ -204,6 +205,16 @@ def draining_health(server) -> dict:
             return json.loads(body)
         time.sleep(0.01)
     raise AssertionError("/health never said draining")
+
+
+def upload_refused_while_draining(server) -> None:
+    """An upload to the OpenAI-compatible API during the drain: 503 in OpenAI's shape."""
+    import openai
+
+    api = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.audio.transcriptions.create(model="whisper-1", file=("speech.wav", b"RIFF"))
+    assert refused.value.status_code == 503 and refused.value.response.json()["error"]["code"] == "server_restarting"
 
 
 def test_a_client_that_never_reads_costs_no_memory_and_delays_no_one(tmp_path):
