@@ -2,6 +2,7 @@
 
     python -m bench --model tiny.en              # every English file, 1 stream, real time
     python -m bench --model base --sweep         # + capacity sweep 1, 2, 4, 8... streams
+    python -m bench --model tiny.en --upload-minutes 10 --streams 4   # live streams beside an upload
 
 Figures (per file and pooled) go to bench/results/ as JSON, a markdown table and, after a sweep, a
 PNG plot. The same model decodes the same files offline with plain faster-whisper (whole file, VAD,
@@ -24,6 +25,7 @@ from bench.server import Server, health, model_seconds, model_time_per_call, ser
 from bench.soak import soak
 from bench.soak import write as write_soak
 from bench.stream import REFUSED, measure
+from bench.upload import run_upload
 
 logger = logging.getLogger("bench")
 
@@ -104,6 +106,11 @@ def parse_args() -> argparse.Namespace:
         "--admission", action="store_true",
         help="instead of one pass: twice the server's calibrated capacity of real-time streams at once, with its own admission",
     )
+    parser.add_argument(
+        "--upload-minutes", type=float, metavar="MINUTES",
+        help="instead of one pass: --streams real-time streams alone, then beside uploads of MINUTES of speech (bench/upload.py)",
+    )
+    parser.add_argument("--live-seconds", type=float, default=180.0, help="audio per live client with --upload-minutes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
     return parser.parse_args()
@@ -152,6 +159,9 @@ def main() -> None:
         return
     if args.admission:
         run_admission(args, model_id, items, env, tag)
+        return
+    if args.upload_minutes:
+        run_upload(args, model_id, items, plans_for(push_to_talk(items), args.streams, args.live_seconds), env, tag)
         return
 
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:

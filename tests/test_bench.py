@@ -108,3 +108,14 @@ def test_a_random_weight_model_of_a_whisper_shape_times_like_one_and_says_so(tmp
     [segment] = list(segments)
     # The prompt's last position picks a token too, then SPEECH_TOKENS positions, then the end.
     assert len(segment.tokens) == SPEECH_TOKENS + 1 and segment.temperature == 0.0
+
+
+def test_a_short_upload_beside_a_live_stream(tmp_path):
+    result, figures = run_bench(tmp_path, "upload-*.json", 600, "--files", "en_cmu_goforward.wav", "--streams", "1",
+                                "--upload-minutes", "0.1", "--live-seconds", "2")
+    alone, loaded, upload = figures["alone"], figures["with_upload"], figures["upload"]
+    assert alone["files"] == loaded["files"] == 1 and alone["dropped"] == loaded["dropped"] == 0
+    assert alone["final_latency_p95_s"] > 0 and loaded["final_latency_p95_s"] > 0
+    assert upload["completed"] >= 1 and upload["audio_s"] >= 6 and 0 < upload["real_time_factor"] < 1
+    assert upload["wer"] <= 0.5 and "cadence_p95_s" in figures["change"]  # the 2.8 s file three times
+    assert "| partial cadence p95 |" in result.stdout and "real-time factor" in result.stdout
