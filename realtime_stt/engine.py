@@ -150,10 +150,10 @@ class Engine:
         VAD and the features run in a plain thread, as the sessions' VAD does (no model call); the
         language, where it must be detected, is one job at the upload priority."""
         duration = audio.size / SAMPLE_RATE
+        language = options.language or (None if self.multilingual else "en")
         chunks = await asyncio.to_thread(speech_chunks, audio)
         if not chunks:
-            return FileDecode(options.language or (None if self.multilingual else "en"), duration, iter(()))
-        language = options.language or (None if self.multilingual else "en")
+            return FileDecode(language, duration, iter(()))
         if language is None:
             detected = await self._step(lambda: self.decoder.file_language(audio, chunks), is_stale)
             if detected is None:

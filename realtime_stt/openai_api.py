@@ -151,16 +151,14 @@ class OpenAIApi:
             form = await _read_form(request, settings)
             fields = _fields(form)
             options = _decode_options(engine, fields, task)
-            audio = await _audio(_file(form), settings)
             words = "word" in fields.timestamp_granularities
-            if fields.stream:
-                async with _watching(request) as gone:
-                    decode = await engine.open_file(audio, options, words=words, is_stale=gone.is_set)
-                outcome = ["client_gone"]
-                holding = False  # the stream lets go of its slot when it ends, however it ends
-                return _Stream(self._events(request, engine, decode, outcome), lambda: self._streamed(outcome[0]))
+            # The decoded audio is handed on, not kept here: the decode holds what it still needs.
             async with _watching(request) as gone:
-                decode = await engine.open_file(audio, options, words=words, is_stale=gone.is_set)
+                decode = await engine.open_file(await _audio(_file(form), settings), options, words=words, is_stale=gone.is_set)
+                if fields.stream:
+                    outcome = ["client_gone"]
+                    holding = False  # the stream lets go of its slot when it ends, however it ends
+                    return _Stream(self._events(request, engine, decode, outcome), lambda: self._streamed(outcome[0]))
                 segments = await _all_segments(engine, decode, gone)
             self._done("ok", decode)
             return _answer(fields, task, decode, segments)
