@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from realtime_stt.engine import PRIORITY_FINAL, PRIORITY_PARTIAL, PRIORITY_SPECULATIVE, Job, next_job
+from realtime_stt.engine import (
+    PRIORITY_FINAL,
+    PRIORITY_PARTIAL,
+    PRIORITY_SPECULATIVE,
+    PRIORITY_UPLOAD,
+    Job,
+    next_job,
+)
 
 
 def job(priority: int, seq: int) -> Job:
@@ -33,3 +40,14 @@ def test_the_finals_worker_takes_no_partials():
     assert next_job([partial], finals_only=True, final_ran=False) is None
     assert next_job([partial, speculative], finals_only=True, final_ran=False) is speculative
     assert next_job([partial, final], finals_only=True, final_ran=True) is final
+
+
+def test_upload_windows_come_after_every_live_job_and_only_where_uploads_are_taken():
+    upload, speculative, partial = job(PRIORITY_UPLOAD, 0), job(PRIORITY_SPECULATIVE, 1), job(PRIORITY_PARTIAL, 2)
+    final = job(PRIORITY_FINAL, 3)
+    assert next_job([upload, speculative, partial, final], finals_only=False, final_ran=False) is final
+    assert next_job([upload, speculative, partial], finals_only=False, final_ran=False) is partial
+    assert next_job([upload, speculative], finals_only=True, final_ran=False) is speculative
+    assert next_job([upload], finals_only=True, final_ran=True) is upload
+    assert next_job([upload], finals_only=False, final_ran=False, uploads=False) is None
+    assert next_job([upload, partial], finals_only=False, final_ran=False, uploads=False) is partial
