@@ -35,3 +35,15 @@ def test_the_lag_bound_of_admission():
     assert Settings.from_env({"MAX_PARTIAL_LAG_SECONDS": "2.5"}).max_partial_lag_seconds == 2.5
     with pytest.raises(SettingsError, match="MAX_PARTIAL_LAG_SECONDS"):
         Settings.from_env({"MAX_PARTIAL_LAG_SECONDS": "-1"})
+
+
+def test_upload_settings():
+    default = Settings.from_env({})
+    assert (default.max_upload_mb, default.max_upload_seconds, default.max_uploads) == (25.0, 3600.0, 4)
+    custom = Settings.from_env({"MAX_UPLOAD_MB": "0.5", "MAX_UPLOAD_SECONDS": "60", "MAX_UPLOADS": "1"})
+    assert (custom.max_upload_mb, custom.max_upload_seconds, custom.max_uploads) == (0.5, 60.0, 1)
+    for name, value in [("MAX_UPLOAD_MB", "0"), ("MAX_UPLOAD_SECONDS", "lots"), ("MAX_UPLOADS", "0")]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: value})
+    assert Settings(api_key="k").key_given("Bearer k") and not Settings(api_key="k").key_given("Bearer x")
+    assert Settings(api_key="k").key_given(None, "k") and Settings().key_given(None)
