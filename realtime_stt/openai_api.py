@@ -160,7 +160,7 @@ class OpenAIApi:
                     holding = False  # the stream lets go of its slot when it ends, however it ends
                     return _Stream(self._events(request, engine, decode, outcome), lambda: self._streamed(outcome[0]))
                 segments = await _all_segments(engine, decode, gone)
-            self._done("ok", decode)
+            self._answered(decode)
             return _answer(fields, task, decode, segments)
         except ApiError as error:
             self.metrics.uploads.labels(error.result).inc()
@@ -205,8 +205,8 @@ class OpenAIApi:
         self._uploads -= 1
         self.metrics.uploads.labels(result).inc()
 
-    def _done(self, result: str, decode: FileDecode) -> None:
-        self.metrics.uploads.labels(result).inc()
+    def _answered(self, decode: FileDecode) -> None:
+        self.metrics.uploads.labels("ok").inc()
         self.metrics.upload_audio_seconds.inc(decode.duration)
 
 
