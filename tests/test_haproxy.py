@@ -50,8 +50,8 @@ SMALL, LARGE = 1, 3  # MAX_SESSIONS of the two replicas
 class Cluster:
     url: str  # the proxy's /ws
     stats: str  # the proxy's stats page, as CSV
-    small: Server  # MAX_SESSIONS=SMALL, HAProxy's "stt1"
-    large: Server  # MAX_SESSIONS=LARGE, "stt2"
+    small: Server  # MAX_SESSIONS=SMALL, HAProxy's "stt2"
+    large: Server  # MAX_SESSIONS=LARGE, "stt1": the first listed, so "balance first" would fill it before the other
     log: Path
 
     def sessions(self) -> tuple[int, int]:
@@ -64,8 +64,9 @@ class Cluster:
         return {row["svname"]: row for row in csv.DictReader(io.StringIO(text)) if row["pxname"] == "replicas"}
 
     def status(self) -> tuple[str, str]:
+        """HAProxy's status of the small replica and of the large one."""
         states = self.states()
-        return states["stt1"]["status"], states["stt2"]["status"]
+        return states["stt2"]["status"], states["stt1"]["status"]
 
 
 def health(server: Server, query: str = "") -> tuple[int, dict]:
@@ -76,18 +77,18 @@ def health(server: Server, query: str = "") -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def wait_for(what: Callable[[], bool], timeout: float = 15.0) -> None:
+def wait_for(what: Callable[[], bool], timeout: float = 15.0, why: Callable[[], str] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not what():
-        assert time.monotonic() < deadline, "not within the time"
+        assert time.monotonic() < deadline, f"not within {timeout:g} s {why()}"
         time.sleep(0.05)
 
 
-def render(small: int, large: int, front: int, stats: int) -> str:
+def render(large: int, small: int, front: int, stats: int) -> str:
     """deploy/haproxy.cfg with this run's ports and a check every 100 ms instead of every second."""
     text = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    for old, new in [("127.0.0.1:8716", f"127.0.0.1:{front}"), ("127.0.0.1:8718", f"127.0.0.1:{small}"),
-                     ("127.0.0.1:8719", f"127.0.0.1:{large}"), ("127.0.0.1:8404", f"127.0.0.1:{stats}"),
+    for old, new in [("127.0.0.1:8716", f"127.0.0.1:{front}"), ("127.0.0.1:8718", f"127.0.0.1:{large}"),
+                     ("127.0.0.1:8719", f"127.0.0.1:{small}"), ("127.0.0.1:8404", f"127.0.0.1:{stats}"),
                      ("inter 1s", "inter 100ms")]:
         assert old in text, old  # the shipped configuration is what runs here
         text = text.replace(old, new)
@@ -104,14 +105,14 @@ def cluster(tmp_path_factory):
             small, large = pool.map(lambda env: stack.enter_context(start_server(env, logs)), envs)
         front, stats = free_port(), free_port()
         config = logs / "haproxy.cfg"
-        config.write_text(render(int(small.base_url.rsplit(":", 1)[1]), int(large.base_url.rsplit(":", 1)[1]), front, stats))
+        config.write_text(render(*(int(r.base_url.rsplit(":", 1)[1]) for r in (large, small)), front, stats))
         log = logs / "haproxy.log"
         with log.open("wb") as sink:
             proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=sink, stderr=subprocess.STDOUT)
         stack.callback(proxy.wait, 10)
         stack.callback(proxy.terminate)
         running = Cluster(f"ws://127.0.0.1:{front}/ws", f"http://127.0.0.1:{stats}/stats;csv", small, large, log)
-        wait_for(lambda: _answers(stats) and running.status() == ("UP", "UP"))
+        wait_for(lambda: _answers(stats) and running.status() == ("UP", "UP"), why=lambda: str(running.status()))
         yield running
 
 
@@ -122,10 +123,11 @@ def _answers(port: int) -> bool:
 
 def settled(cluster: Cluster) -> None:
     """Wait until HAProxy's checks have caught up: a replica is UP exactly while it accepts."""
-    def agree() -> bool:
-        expected = tuple("UP" if health(r)[1]["accepting"] else "DOWN" for r in (cluster.small, cluster.large))
-        return cluster.status() == expected
-    wait_for(agree)
+    def expected() -> tuple[str, ...]:
+        return tuple("UP" if health(r)[1]["accepting"] else "DOWN" for r in (cluster.small, cluster.large))
+
+    wait_for(lambda: cluster.status() == expected(),
+             why=lambda: f"for HAProxy's view {cluster.status()} to follow the replicas' accepting {expected()}")
 
 
 async def refusal(ws, timeout: float = 10.0) -> tuple[int, str]:
@@ -143,21 +145,23 @@ def test_sessions_spread_and_go_only_where_there_is_room_and_past_all_of_it_1013
 
     async def scenario():
         admitted, counts = [], []
-        for _ in range(SMALL + LARGE):
-            admitted.append(await websockets.connect(cluster.url))
-            await asyncio.to_thread(wait_for, lambda: sum(cluster.sessions()) == len(admitted))
-            await asyncio.to_thread(settled, cluster)
-            counts.append(await asyncio.to_thread(cluster.sessions))
-        full = await asyncio.to_thread(cluster.status)
-        probes = [await asyncio.to_thread(health, cluster.small, q) for q in ("", "?ready=1")]
-        began = time.monotonic()
-        async with websockets.connect(cluster.url) as late:
-            refused = await refusal(late)
-        took = time.monotonic() - began
-        # Every admitted session is still served, the small replica's too while it is marked DOWN.
-        runs = await asyncio.gather(*(speak(ws, read_pcm(SHORT)) for ws in admitted))
-        for ws in admitted:
-            await ws.close()
+        try:
+            for _ in range(SMALL + LARGE):
+                admitted.append(await websockets.connect(cluster.url))
+                await asyncio.to_thread(wait_for, lambda: sum(cluster.sessions()) == len(admitted))
+                await asyncio.to_thread(settled, cluster)
+                counts.append(await asyncio.to_thread(cluster.sessions))
+            full = await asyncio.to_thread(cluster.status)
+            probes = [await asyncio.to_thread(health, cluster.small, q) for q in ("", "?ready=1")]
+            began = time.monotonic()
+            async with websockets.connect(cluster.url) as late:
+                refused = await refusal(late)
+            took = time.monotonic() - began
+            # Every admitted session is still served, the small replica's too while it is marked DOWN.
+            runs = await asyncio.gather(*(speak(ws, read_pcm(SHORT)) for ws in admitted))
+        finally:
+            for ws in admitted:
+                await ws.close()
         return counts, full, probes, refused, took, runs
 
     counts, full, probes, (code, reason), took, runs = asyncio.run(scenario())
@@ -196,8 +200,8 @@ def test_sigterm_mid_utterance_gives_the_final_and_new_sessions_go_to_the_other(
         cluster.large.process.send_signal(signal.SIGTERM)
         ending = asyncio.create_task(closed(talker))
         speaking_on = asyncio.create_task(stream(talker, read_pcm(SPEECH)))  # audio after it is not waited for
-        await asyncio.to_thread(wait_for, lambda: cluster.status() == ("UP", "DOWN"))
-        check = (await asyncio.to_thread(cluster.states))["stt2"]
+        await asyncio.to_thread(wait_for, lambda: cluster.status() == ("UP", "DOWN"), 10, lambda: str(cluster.status()))
+        check = (await asyncio.to_thread(cluster.states))["stt1"]
         async with websockets.connect(cluster.url) as newcomer:
             on_small = (await asyncio.to_thread(cluster.sessions))[0]
             served = await speak(newcomer, read_pcm(SHORT))
