@@ -148,7 +148,8 @@ def test_sessions_spread_and_go_only_where_there_is_room_and_past_all_of_it_1013
         try:
             for _ in range(SMALL + LARGE):
                 admitted.append(await websockets.connect(cluster.url))
-                await asyncio.to_thread(wait_for, lambda: sum(cluster.sessions()) == len(admitted))
+                await asyncio.to_thread(wait_for, lambda: sum(cluster.sessions()) == len(admitted), 15,
+                                        lambda: f"for {len(admitted)} sessions: the replicas have {cluster.sessions()}")
                 await asyncio.to_thread(settled, cluster)
                 counts.append(await asyncio.to_thread(cluster.sessions))
             full = await asyncio.to_thread(cluster.status)
