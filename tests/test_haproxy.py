@@ -34,7 +34,7 @@ from conftest import (
     wer,
 )
 
-HAPROXY = shutil.which("haproxy")
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="needs Debian's haproxy (apt-get install haproxy; .ci/run does)")
 
 SHORT = "en_librispeech_dev-clean_1272-128104-0000.wav"  # 5.9 s
