@@ -179,6 +179,20 @@ def test_sessions_spread_and_go_only_where_there_is_room_and_past_all_of_it_1013
     assert cluster.status() == ("UP", "UP")
 
 
+def test_the_benchmark_measures_the_replicas_through_the_balancer(cluster, tmp_path):
+    from test_bench import run_bench
+
+    front = cluster.url.removeprefix("ws://").removesuffix("/ws")
+    name = "en_cmu_goforward.wav"
+    _, figures = run_bench(tmp_path, "*.json", 300, "--url", front, "--files", name, "--no-offline", "--speed", "0")
+    run = figures["run"]
+    assert run["files"] == 1 and run["errors"] == 0 and run["dropped"] == 0
+    assert run["wer_final"] <= 0.2
+    assert figures["environment"]["url"] == front
+    assert run["cpu_per_audio_s"] is None and run["peak_rss_mb"] is None  # not the benchmark's own server
+    assert figures["calibration"] is None  # one replica's, not the whole's
+
+
 def test_sigterm_mid_utterance_gives_the_final_and_new_sessions_go_to_the_other(cluster):
     """A speaker on the large replica is mid-utterance when it gets SIGTERM: the final still comes
     through the proxy, then 1012; the proxy takes the draining replica out of rotation at once,
