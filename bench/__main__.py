@@ -29,14 +29,14 @@ from bench.stream import REFUSED, measure
 logger = logging.getLogger("bench")
 
 
-def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float) -> list[dict]:
+def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, spoken: dict) -> list[dict]:
     """1, 2, 4... real-time streams, each about --sweep-seconds of audio, until latency or cadence
     gives; then halfway between the last that held and the first that gave, down to steps of a
     quarter of the last that held, so that streams per machine is known to about 25 %."""
     levels: list[dict] = []
     streams = 1
     while streams <= args.max_streams:
-        levels.append(level(server, items, args, partial_every, streams))
+        levels.append(level(server, items, args, partial_every, streams, spoken))
         if not levels[-1]["holds"]:
             break
         streams *= 2
@@ -44,7 +44,7 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     gave = min((lv["streams"] for lv in levels if not lv["holds"]), default=0)
     while held and gave and gave - held > max(1, held // 4):
         middle = (held + gave) // 2
-        levels.append(level(server, items, args, partial_every, middle))
+        levels.append(level(server, items, args, partial_every, middle, spoken))
         held, gave = (middle, gave) if levels[-1]["holds"] else (held, middle)
     return sorted(levels, key=lambda lv: lv["streams"])
 
@@ -62,11 +62,11 @@ def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item
     return plans
 
 
-def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int) -> dict:
+def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int, spoken: dict) -> dict:
     """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
     plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
     utterances, cpu, _ = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
-    rows = [utterance_figures(u) for u in utterances]
+    rows = [utterance_figures(u, spoken.get(u.item.name)) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
     cpu_per_audio = cpu / audio if audio and cpu is not None else None
@@ -87,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--languages", help="comma-separated; default: en for English-only models, else all")
     parser.add_argument("--files", help="comma-separated audio names from the manifest (default all)")
     parser.add_argument("--limit", type=int, help="only the first N files (after --languages and --files)")
+    parser.add_argument("--push-to-talk", action="store_true", help="only files of push-to-talk length (30 s or less)")
     parser.add_argument("--streams", type=int, default=1, help="concurrent clients in the main run")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time, 2 = twice as fast, 0 = no pacing")
     parser.add_argument("--sweep", action="store_true", help="also find streams per machine")
@@ -125,6 +126,7 @@ def select_items(args: argparse.Namespace, model_id: str) -> list[Item]:
     english_only = args.model.endswith(".en") or config.exists() and '"lang_ids"' not in config.read_text()
     languages = set(args.languages.split(",")) if args.languages else ({"en"} if english_only else None)
     items = load_manifest(args.manifest, languages, set(args.files.split(",")) if args.files else None)
+    items = push_to_talk(items) if args.push_to_talk else items
     items = items[: args.limit] if args.limit else items
     if not items:
         raise SystemExit("no files to stream: check --manifest, --languages and --files")
@@ -164,6 +166,10 @@ def main() -> None:
         run_admission(args, model_id, items, env, tag)
         return
 
+    # The offline decode runs first, alone on the CPU: its word times are what word latency is
+    # measured against, in the main run and the sweep alike.
+    reference = None if args.no_offline else offline(model_id, items, args.threads, args.compute_type, args.device)
+    spoken = reference["words"] if reference else {}
     with attach(args.url) if args.url else serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server)["partial_every_ms"] / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
@@ -172,11 +178,11 @@ def main() -> None:
         # Behind a balancer each reading comes from some replica: model time and calibration are
         # one replica's at best, so neither is reported for the whole.
         model_time = model_time_per_call(model_before, model_seconds(server)) if not args.url else {}
-        rows = [utterance_figures(u) for u in utterances]
+        rows = [utterance_figures(u, spoken.get(u.item.name), args.speed) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
                "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time}
-        levels = sweep(server, items, args, partial_every) if args.sweep else []
+        levels = sweep(server, items, args, partial_every, spoken) if args.sweep else []
         run["peak_rss_mb"] = server.peak_rss / 2**20 if server.process else None
         server_health = health(server)
     if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
@@ -185,8 +191,8 @@ def main() -> None:
         server_health.pop("calibration", None)
     if server_health.get("calibration"):
         run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
-    if not args.no_offline:
-        against_offline(run, rows, offline(model_id, items, args.threads, args.compute_type, server_health["device"]))
+    if reference:
+        against_offline(run, rows, reference)
     holding = [level["streams"] for level in levels if level["holds"]]
     result = {
         "environment": {**environment(args, model_id, server_health), "url": args.url},
