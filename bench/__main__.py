@@ -2,6 +2,7 @@
 
     python -m bench --model tiny.en              # every English file, 1 stream, real time
     python -m bench --model base --sweep         # + capacity sweep 1, 2, 4, 8... streams
+    python -m bench --url 127.0.0.1:8716 --sweep # the same against servers already running (HAProxy)
 
 Figures (per file and pooled) go to bench/results/ as JSON, a markdown table and, after a sweep, a
 PNG plot. The same model decodes the same files offline with plain faster-whisper (whole file, VAD,
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, push_to_talk, resolve_model
 from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
-from bench.server import Server, health, model_seconds, model_time_per_call, serve
+from bench.server import Server, attach, health, model_seconds, model_time_per_call, serve
 from bench.soak import soak
 from bench.soak import write as write_soak
 from bench.stream import REFUSED, measure
@@ -68,6 +69,7 @@ def level(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     rows = [utterance_figures(u, spoken.get(u.item.name)) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
+    cpu_per_audio = cpu / audio if audio and cpu is not None else None
     holds = (
         figures["dropped"] == 0
         and (figures["final_latency_p95_s"] or 0) <= 2.0
@@ -75,7 +77,7 @@ def level(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     )
     logger.info("%d streams: final p95 %.2f s, cadence p95 %.2f s -> %s", streams,
                 figures["final_latency_p95_s"] or 0, figures["cadence_p95_s"] or 0, "holds" if holds else "gives")
-    return {"streams": streams, "holds": holds, "cpu_per_audio_s": cpu / audio if audio else None, **figures}
+    return {"streams": streams, "holds": holds, "cpu_per_audio_s": cpu_per_audio, **figures}
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,7 +109,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
-    return parser.parse_args()
+    parser.add_argument(
+        "--url", metavar="HOST:PORT",
+        help="measure a server already running there (e.g. HAProxy before replicas, deploy/run-local.sh) instead of "
+             "starting one: its settings are its own, and its CPU and memory are not measured",
+    )
+    args = parser.parse_args()
+    if args.url and (args.soak or args.admission or args.env):
+        parser.error("--url measures a server as it runs: no --soak, --admission or --env with it")
+    return args
 
 
 def select_items(args: argparse.Namespace, model_id: str) -> list[Item]:
@@ -130,7 +140,7 @@ def against_offline(run: dict, rows: list[dict], reference: dict) -> None:
     run["wer_delta_points"] = (
         100 * (run["wer_final"] - reference["wer"]) if None not in (run["wer_final"], reference["wer"]) else None
     )
-    run["compute_ratio"] = run["server_cpu_s"] / reference["cpu_s"] if reference["cpu_s"] else None
+    run["compute_ratio"] = run["server_cpu_s"] / reference["cpu_s"] if reference["cpu_s"] and run["server_cpu_s"] else None
     for row in rows:
         row["offline"] = reference["texts"].get(row["file"])
 
@@ -160,28 +170,32 @@ def main() -> None:
     # measured against, in the main run and the sweep alike.
     reference = None if args.no_offline else offline(model_id, items, args.threads, args.compute_type, args.device)
     spoken = reference["words"] if reference else {}
-    with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+    with attach(args.url) if args.url else serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server)["partial_every_ms"] / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
         model_before = model_seconds(server)
         utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language)
-        model_time = model_time_per_call(model_before, model_seconds(server))
+        # Behind a balancer each reading comes from some replica: model time and calibration are
+        # one replica's at best, so neither is reported for the whole.
+        model_time = model_time_per_call(model_before, model_seconds(server)) if not args.url else {}
         rows = [utterance_figures(u, spoken.get(u.item.name), args.speed) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
-               "cpu_per_audio_s": cpu / audio if audio else None, "model_seconds_per_call": model_time}
+               "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time}
         levels = sweep(server, items, args, partial_every, spoken) if args.sweep else []
-        run["peak_rss_mb"] = server.peak_rss / 2**20
+        run["peak_rss_mb"] = server.peak_rss / 2**20 if server.process else None
         server_health = health(server)
     if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
         run.update(wer_final=None, wer_last_partial=None)
+    if args.url:
+        server_health.pop("calibration", None)
     if server_health.get("calibration"):
         run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
     if reference:
         against_offline(run, rows, reference)
     holding = [level["streams"] for level in levels if level["holds"]]
     result = {
-        "environment": environment(args, model_id, server_health),
+        "environment": {**environment(args, model_id, server_health), "url": args.url},
         "calibration": server_health.get("calibration"),
         "run": run,
         "streams_per_machine": max(holding) if holding else (0 if levels else None),
