@@ -2,6 +2,7 @@
 
     python -m bench --model tiny.en              # every English file, 1 stream, real time
     python -m bench --model base --sweep         # + capacity sweep 1, 2, 4, 8... streams
+    python -m bench --url 127.0.0.1:8716 --sweep # the same against servers already running (HAProxy)
     python -m bench --model tiny.en --upload-minutes 10 --streams 4   # live streams beside an upload
 
 Figures (per file and pooled) go to bench/results/ as JSON, a markdown table and, after a sweep, a
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, push_to_talk, resolve_model
 from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
-from bench.server import Server, health, model_seconds, model_time_per_call, serve
+from bench.server import Server, attach, health, model_seconds, model_time_per_call, serve
 from bench.soak import soak
 from bench.soak import write as write_soak
 from bench.stream import REFUSED, measure
@@ -30,14 +31,14 @@ from bench.upload import run_upload
 logger = logging.getLogger("bench")
 
 
-def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float) -> list[dict]:
+def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, spoken: dict) -> list[dict]:
     """1, 2, 4... real-time streams, each about --sweep-seconds of audio, until latency or cadence
     gives; then halfway between the last that held and the first that gave, down to steps of a
     quarter of the last that held, so that streams per machine is known to about 25 %."""
     levels: list[dict] = []
     streams = 1
     while streams <= args.max_streams:
-        levels.append(level(server, items, args, partial_every, streams))
+        levels.append(level(server, items, args, partial_every, streams, spoken))
         if not levels[-1]["holds"]:
             break
         streams *= 2
@@ -45,7 +46,7 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     gave = min((lv["streams"] for lv in levels if not lv["holds"]), default=0)
     while held and gave and gave - held > max(1, held // 4):
         middle = (held + gave) // 2
-        levels.append(level(server, items, args, partial_every, middle))
+        levels.append(level(server, items, args, partial_every, middle, spoken))
         held, gave = (middle, gave) if levels[-1]["holds"] else (held, middle)
     return sorted(levels, key=lambda lv: lv["streams"])
 
@@ -63,13 +64,14 @@ def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item
     return plans
 
 
-def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int) -> dict:
+def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int, spoken: dict) -> dict:
     """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
     plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
     utterances, cpu, _ = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
-    rows = [utterance_figures(u) for u in utterances]
+    rows = [utterance_figures(u, spoken.get(u.item.name)) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
+    cpu_per_audio = cpu / audio if audio and cpu is not None else None
     holds = (
         figures["dropped"] == 0
         and (figures["final_latency_p95_s"] or 0) <= 2.0
@@ -77,7 +79,7 @@ def level(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     )
     logger.info("%d streams: final p95 %.2f s, cadence p95 %.2f s -> %s", streams,
                 figures["final_latency_p95_s"] or 0, figures["cadence_p95_s"] or 0, "holds" if holds else "gives")
-    return {"streams": streams, "holds": holds, "cpu_per_audio_s": cpu / audio if audio else None, **figures}
+    return {"streams": streams, "holds": holds, "cpu_per_audio_s": cpu_per_audio, **figures}
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,6 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--languages", help="comma-separated; default: en for English-only models, else all")
     parser.add_argument("--files", help="comma-separated audio names from the manifest (default all)")
     parser.add_argument("--limit", type=int, help="only the first N files (after --languages and --files)")
+    parser.add_argument("--push-to-talk", action="store_true", help="only files of push-to-talk length (30 s or less)")
     parser.add_argument("--streams", type=int, default=1, help="concurrent clients in the main run")
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time, 2 = twice as fast, 0 = no pacing")
     parser.add_argument("--sweep", action="store_true", help="also find streams per machine")
@@ -113,7 +116,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--live-seconds", type=float, default=180.0, help="audio per live client with --upload-minutes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
-    return parser.parse_args()
+    parser.add_argument(
+        "--url", metavar="HOST:PORT",
+        help="measure a server already running there (e.g. HAProxy before replicas, deploy/run-local.sh) instead of "
+             "starting one: its settings are its own, and its CPU and memory are not measured",
+    )
+    args = parser.parse_args()
+    if args.url and (args.soak or args.admission or args.env):
+        parser.error("--url measures a server as it runs: no --soak, --admission or --env with it")
+    return args
 
 
 def select_items(args: argparse.Namespace, model_id: str) -> list[Item]:
@@ -122,6 +133,7 @@ def select_items(args: argparse.Namespace, model_id: str) -> list[Item]:
     english_only = args.model.endswith(".en") or config.exists() and '"lang_ids"' not in config.read_text()
     languages = set(args.languages.split(",")) if args.languages else ({"en"} if english_only else None)
     items = load_manifest(args.manifest, languages, set(args.files.split(",")) if args.files else None)
+    items = push_to_talk(items) if args.push_to_talk else items
     items = items[: args.limit] if args.limit else items
     if not items:
         raise SystemExit("no files to stream: check --manifest, --languages and --files")
@@ -135,7 +147,7 @@ def against_offline(run: dict, rows: list[dict], reference: dict) -> None:
     run["wer_delta_points"] = (
         100 * (run["wer_final"] - reference["wer"]) if None not in (run["wer_final"], reference["wer"]) else None
     )
-    run["compute_ratio"] = run["server_cpu_s"] / reference["cpu_s"] if reference["cpu_s"] else None
+    run["compute_ratio"] = run["server_cpu_s"] / reference["cpu_s"] if reference["cpu_s"] and run["server_cpu_s"] else None
     for row in rows:
         row["offline"] = reference["texts"].get(row["file"])
 
@@ -164,28 +176,36 @@ def main() -> None:
         run_upload(args, model_id, items, plans_for(push_to_talk(items), args.streams, args.live_seconds), env, tag)
         return
 
-    with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+    # The offline decode runs first, alone on the CPU: its word times are what word latency is
+    # measured against, in the main run and the sweep alike.
+    reference = None if args.no_offline else offline(model_id, items, args.threads, args.compute_type, args.device)
+    spoken = reference["words"] if reference else {}
+    with attach(args.url) if args.url else serve(model_id, env, args.out / f"{tag}-server.log") as server:
         partial_every = health(server)["partial_every_ms"] / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
         model_before = model_seconds(server)
         utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language)
-        model_time = model_time_per_call(model_before, model_seconds(server))
-        rows = [utterance_figures(u) for u in utterances]
+        # Behind a balancer each reading comes from some replica: model time and calibration are
+        # one replica's at best, so neither is reported for the whole.
+        model_time = model_time_per_call(model_before, model_seconds(server)) if not args.url else {}
+        rows = [utterance_figures(u, spoken.get(u.item.name), args.speed) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
-               "cpu_per_audio_s": cpu / audio if audio else None, "model_seconds_per_call": model_time}
-        levels = sweep(server, items, args, partial_every) if args.sweep else []
-        run["peak_rss_mb"] = server.peak_rss / 2**20
+               "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time}
+        levels = sweep(server, items, args, partial_every, spoken) if args.sweep else []
+        run["peak_rss_mb"] = server.peak_rss / 2**20 if server.process else None
         server_health = health(server)
     if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
         run.update(wer_final=None, wer_last_partial=None)
+    if args.url:
+        server_health.pop("calibration", None)
     if server_health.get("calibration"):
         run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
-    if not args.no_offline:
-        against_offline(run, rows, offline(model_id, items, args.threads, args.compute_type, server_health["device"]))
+    if reference:
+        against_offline(run, rows, reference)
     holding = [level["streams"] for level in levels if level["holds"]]
     result = {
-        "environment": environment(args, model_id, server_health),
+        "environment": {**environment(args, model_id, server_health), "url": args.url},
         "calibration": server_health.get("calibration"),
         "run": run,
         "streams_per_machine": max(holding) if holding else (0 if levels else None),

@@ -80,3 +80,35 @@ def coverage(final: str, last_partial: str, language: str = "en") -> tuple[int, 
 def committed_revisions(committed: Sequence[str]) -> int:
     """Partials whose committed text is not an extension of the previous one (must be 0)."""
     return sum(1 for before, after in zip(committed, committed[1:]) if not after.startswith(before))
+
+
+def word_latency(
+    words: Sequence[tuple[str, float, float]], partials: Sequence[tuple[float, str, str]], language: str = "en"
+) -> tuple[list[float | None], list[float | None]]:
+    """When each spoken word was first shown, and first committed, after it was spoken.
+
+    ``words`` are the offline decode's (text, start, end), seconds from the first audio; ``partials``
+    are (arrival, committed, text) on the same clock, the partials received before the stop. A word
+    is shown by the first partial whose text holds it, in order (difflib blocks over normalised
+    units), at or after the word's start: a match before the word was even begun is a coincidence
+    of another word. Its latency is that partial's arrival minus the word's end; None if no partial
+    before the stop held it.
+    """
+    reference, owner = [], []
+    for index, (text, _, _) in enumerate(words):
+        for unit in units(text, language):
+            reference.append(unit)
+            owner.append(index)
+    shown: list[float | None] = [None] * len(words)
+    committed: list[float | None] = [None] * len(words)
+    matcher = difflib.SequenceMatcher(autojunk=False)
+    matcher.set_seq1(reference)
+    for arrival, committed_text, text in partials:
+        for found, hypothesis in ((shown, text), (committed, committed_text)):
+            matcher.set_seq2(units(hypothesis, language))
+            for block in matcher.get_matching_blocks():
+                for k in range(block.a, block.a + block.size):
+                    word = owner[k]
+                    if found[word] is None and arrival >= words[word][1]:
+                        found[word] = arrival - words[word][2]
+    return shown, committed

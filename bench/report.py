@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.data import Item, read_pcm
-from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile
+from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile, word_latency
 from bench.stream import Utterance
 
 
-def utterance_figures(u: Utterance) -> dict:
+def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None = None, speed: float = 1.0) -> dict:
     """One file's figures; times are the client's monotonic clock at send or arrival.
 
     - final_latency_s: stop frame sent -> final message received.
@@ -26,6 +26,9 @@ def utterance_figures(u: Utterance) -> dict:
     - covered / final_units: metrics.coverage of the final by the last partial before stop.
     - committed_revisions: metrics.committed_revisions over the partials' `committed` (0 if absent).
     - wer_final / wer_last_partial: this file alone (None for references that are an engine's output).
+    - word_shown_s / word_committed_s: metrics.word_latency against ``words``, the offline decode's
+      (text, start, end) in audio seconds (played at ``speed``); None for a word no partial showed.
+    - first_words_s: the first partial with text, from when the first word began.
     """
     partials = u.of_type("partial")
     final = u.final
@@ -40,6 +43,9 @@ def utterance_figures(u: Utterance) -> dict:
     first_text = next((t for t, m in partials if m["text"]), None)
     cadence = [round(float(c), 4) for c in np.diff(arrivals)]
     scored = [(u.item.reference, final["text"], u.item.language)] if u.item.scored else []
+    timed = [(w, start / speed, end / speed) for w, start, end in words or []]
+    before_stop = [(t - u.first_audio, m.get("committed", ""), m["text"]) for t, m in partials if t <= u.stop_sent]
+    shown, committed = word_latency(timed, before_stop, u.item.language)
     return {
         **figures,
         "final_latency_s": final_time(u) - u.stop_sent,
@@ -48,6 +54,9 @@ def utterance_figures(u: Utterance) -> dict:
         "cadence_s": cadence,
         "first_partial_s": arrivals[0] - u.first_audio if arrivals else None,
         "first_text_s": first_text - u.first_audio if first_text else None,
+        "first_words_s": first_text - u.first_audio - timed[0][1] if first_text and timed else None,
+        "word_shown_s": [None if s is None else round(s, 4) for s in shown],
+        "word_committed_s": [None if c is None else round(c, 4) for c in committed],
         "partials": len(texts),
         "rewrites": rewrites,
         "strict_rewrites": strict,
@@ -83,7 +92,9 @@ def final_time(u: Utterance) -> float:
 def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
     """Figures pooled over files: percentiles over every file's values (every cadence interval),
     flicker = all rewrites / all updates, coverage = all covered / all final units, WER pooled by
-    jiwer over the scored files (errors / reference words). A file without a final is dropped."""
+    jiwer over the scored files (errors / reference words), word latency over every spoken word
+    that a partial showed (committed: that a partial committed), with the share of spoken words
+    shown before the stop. A file without a final is dropped."""
     ok = [r for r in rows if "error" not in r]
     cadence = [c for r in ok for c in r["cadence_s"]]
     latency = [r["final_latency_s"] for r in ok]
@@ -91,6 +102,10 @@ def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
     first_partial = [r["first_partial_s"] for r in ok if r["first_partial_s"] is not None]
     scored = [r for r in ok if items[r["file"]].scored]
     updates = sum(r["updates"] for r in ok)
+    spoken = [s for r in ok for s in r.get("word_shown_s", [])]
+    shown = [s for s in spoken if s is not None]
+    committed = [c for r in ok for c in r.get("word_committed_s", []) if c is not None]
+    first_words = [r["first_words_s"] for r in ok if r.get("first_words_s") is not None]
     return {
         "files": len(rows),
         "dropped": len(rows) - len(ok),
@@ -103,6 +118,13 @@ def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
         "first_partial_p95_s": percentile(first_partial, 95),
         "first_text_p50_s": percentile(first, 50),
         "first_text_p95_s": percentile(first, 95),
+        "word_shown_p50_s": percentile(shown, 50),
+        "word_shown_p95_s": percentile(shown, 95),
+        "word_committed_p50_s": percentile(committed, 50),
+        "word_committed_p95_s": percentile(committed, 95),
+        "words_shown_before_stop": len(shown) / len(spoken) if spoken else None,
+        "first_words_p50_s": percentile(first_words, 50),
+        "first_words_p95_s": percentile(first_words, 95),
         "flicker": sum(r["rewrites"] for r in ok) / updates if updates else None,
         "flicker_strict": sum(r["strict_rewrites"] for r in ok) / updates if updates else None,
         "coverage": sum(r["covered"] for r in ok) / max(1, sum(r["final_units"] for r in ok)),
@@ -113,25 +135,29 @@ def pooled(rows: list[dict], items: dict[str, Item]) -> dict:
 
 
 def offline(model_id: str, items: list[Item], threads: int, compute_type: str, device: str = "cpu") -> dict:
-    """Plain faster-whisper on whole files: the reference for accuracy and compute.
+    """Plain faster-whisper on whole files, with word timestamps: the reference for accuracy, compute
+    and when each word was spoken.
 
     cpu_s is the bench process's CPU time (all threads) spent in transcribe, comparable with the
     server's CPU seconds on a CPU machine (on a GPU it leaves out the GPU's work)."""
     from faster_whisper import WhisperModel
 
     model = WhisperModel(model_id, device=device, compute_type=compute_type, cpu_threads=threads)
-    texts, seconds = {}, 0.0
+    texts, words, seconds = {}, {}, 0.0
     for item in items:
         audio = np.frombuffer(read_pcm(item.path), dtype="<i2").astype(np.float32) / 32768
         start = time.process_time()
-        segments, _ = model.transcribe(audio, language=item.language, beam_size=1, vad_filter=True)
-        texts[item.name] = " ".join(s.text.strip() for s in segments)
+        segments, _ = model.transcribe(audio, language=item.language, beam_size=1, vad_filter=True, word_timestamps=True)
+        segments = list(segments)
         seconds += time.process_time() - start
+        texts[item.name] = " ".join(s.text.strip() for s in segments)
+        words[item.name] = [(w.word, w.start, w.end) for s in segments for w in s.words or []]
     scored = [i for i in items if i.scored]
     return {
         "cpu_s": seconds,
         "wer": error_rate([(i.reference, texts[i.name], i.language) for i in scored]),
         "texts": texts,
+        "words": words,
     }
 
 
@@ -180,6 +206,10 @@ def markdown(result: dict) -> str:
         f"| partial cadence p50 / p95 | {_fmt(run['cadence_p50_s'], ' s')} / {_fmt(run['cadence_p95_s'], ' s')} |",
         f"| first partial p50 / p95 | {_fmt(run['first_partial_p50_s'], ' s')} / {_fmt(run['first_partial_p95_s'], ' s')} |",
         f"| first partial with text p50 / p95 | {_fmt(run['first_text_p50_s'], ' s')} / {_fmt(run['first_text_p95_s'], ' s')} |",
+        f"| word shown p50 / p95 (committed) | {_fmt(run.get('word_shown_p50_s'), ' s')} / {_fmt(run.get('word_shown_p95_s'), ' s')} "
+        f"({_fmt(run.get('word_committed_p50_s'), ' s')} / {_fmt(run.get('word_committed_p95_s'), ' s')}) |",
+        f"| words shown before the stop | {_fmt(run.get('words_shown_before_stop'), ' %', 100, 1)} |",
+        f"| first words after speech began p50 / p95 | {_fmt(run.get('first_words_p50_s'), ' s')} / {_fmt(run.get('first_words_p95_s'), ' s')} |",
         f"| flicker (strict) | {_fmt(run['flicker'], ' %', 100, 1)} ({_fmt(run['flicker_strict'], ' %', 100, 1)}) |",
         f"| last partial covers final | {_fmt(run['coverage'], ' %', 100, 1)} |",
         f"| committed text revised | {run['committed_revisions']} |",
@@ -192,12 +222,14 @@ def markdown(result: dict) -> str:
         f"| errors / dropped | {run['errors']} / {run['dropped']} |",
     ]
     if result["sweep"]:
-        lines += ["", "| streams | final p50 | final p95 | cadence p50 | cadence p95 | first text p50 | CPU s / audio s | holds |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| streams | final p50 | final p95 | cadence p50 | cadence p95 | first text p50 | word shown p50 | word shown p95 "
+                      "| CPU s / audio s | holds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for level in result["sweep"]:
             lines.append(
                 f"| {level['streams']} | {_fmt(level['final_latency_p50_s'])} | {_fmt(level['final_latency_p95_s'])} | "
                 f"{_fmt(level['cadence_p50_s'])} | {_fmt(level['cadence_p95_s'])} | {_fmt(level['first_text_p50_s'])} | "
+                f"{_fmt(level.get('word_shown_p50_s'))} | {_fmt(level.get('word_shown_p95_s'))} | "
                 f"{_fmt(level['cpu_per_audio_s'], '', 1, 3)} | {'yes' if level['holds'] else 'no'} |"
             )
         lines += ["", f"Streams per machine: **{result['streams_per_machine']}** "

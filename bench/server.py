@@ -1,4 +1,5 @@
-"""A real server for the benchmark: `uvicorn main:app` on 127.0.0.1, its CPU time and peak memory."""
+"""A real server for the benchmark: `uvicorn main:app` on 127.0.0.1, its CPU time and peak memory;
+or one already running elsewhere (replicas behind a load balancer), whose CPU and memory it cannot see."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ from bench.data import ROOT
 @dataclass
 class Server:
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None  # None: a server this benchmark did not start
     peak_rss: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def cpu_seconds(self) -> float:
+    def cpu_seconds(self) -> float | None:
         import psutil
 
+        if self.process is None:
+            return None
         times = psutil.Process(self.process.pid).cpu_times()
         return times.user + times.system
 
@@ -76,6 +79,23 @@ def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextlib.contextmanager
+def attach(url: str) -> Iterator[Server]:
+    """A server already running at ``url`` (host:port), e.g. HAProxy in front of replicas, once its
+    /health answers 200."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing ready at http://{url}/health in 60 s: {exc}") from None
+        time.sleep(0.5)
+    yield Server(url, None)
 
 
 def health(server: Server) -> dict:

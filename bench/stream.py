@@ -93,7 +93,9 @@ async def run_streams(url: str, plans: list[list[Item]], speed: float, label: st
 
 def measure(
     server: Server, plans: list[list[Item]], speed: float, label: str, auto_language: bool = False
-) -> tuple[list[Utterance], float, float]:
+) -> tuple[list[Utterance], float | None, float]:
     cpu_before, wall = server.cpu_seconds(), time.monotonic()
     utterances = asyncio.run(run_streams(server.url, plans, speed, label, auto_language))
-    return utterances, server.cpu_seconds() - cpu_before, time.monotonic() - wall
+    cpu_after = server.cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before  # None: not our server
+    return utterances, cpu, time.monotonic() - wall

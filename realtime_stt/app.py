@@ -214,7 +214,11 @@ async def _health(request: Request) -> JSONResponse:
         "max_partial_lag_s": service.lag_bound,
         "calibration": {**engine.plan.as_dict(), "summary": engine.plan.describe(settings.model_id, engine.device)},
     }
-    return JSONResponse(body, status_code=503 if service.draining.is_set() else 200)
+    # ?ready=1 is for probes that read only the status (Kubernetes readiness, a load balancer's
+    # check): 503 whenever a new socket would be refused. Without it the codes stay as they were.
+    ready_probe = request.query_params.get("ready") in ("1", "true")
+    refused = service.draining.is_set() or (ready_probe and not body["accepting"])
+    return JSONResponse(body, status_code=503 if refused else 200)
 
 
 async def _metrics(request: Request) -> Response:

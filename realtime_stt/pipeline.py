@@ -243,7 +243,6 @@ class Pipeline:
 
     async def _make_partials(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.settings.partial_every_ms / 1000
         earliest = 0.0
         while True:
             # Cadence, not polling: this waits only while new audio is pending.
@@ -252,6 +251,8 @@ class Pipeline:
             # engine's queue at the same moment and run as one batch. Under load a decode outlasts
             # the interval: the next one starts as soon as it returns, with the sessions that shared
             # its batch, so cadence stretches to the batch's time instead of work queueing.
+            speech = self.utterance.speech
+            interval = self.engine.partial_interval(speaking=speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE)
             now = loop.time()
             tick = max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
             await asyncio.sleep(max(0.0, tick - loop.time()))

@@ -105,6 +105,7 @@ class LocalAgreement:
     def __init__(self, window_seconds: float) -> None:
         self.window_seconds = window_seconds
         self.window_start = 0.0
+        self.audio_end = 0.0  # where the latest hypothesis's audio ended
         self.committed: list[Word] = []
         self.tentative: list[Word] = []
 
@@ -144,6 +145,7 @@ class LocalAgreement:
         is committed and the window stays where it is.
         """
         hypothesis = self.fresh(words)
+        self.audio_end = audio_end
         if not commit:
             self.tentative = hypothesis
             return []
@@ -186,19 +188,30 @@ class LocalAgreement:
         self.window_start = max(self.window_start, self.committed[cut].end)
         return forced
 
-    # Shown tentative words stop before the first doubtful or cut-off one, and the newest word is
-    # held back: showing every tentative word rewrites shown words many times as often, for a few
-    # points of coverage (README).
+    # Shown tentative words stop before the first doubtful or cut-off one: showing every tentative
+    # word rewrites shown words many times as often, for a few points of coverage (README). The
+    # newest word is most often the one the audio cut in half, so it is held back unless the decoder
+    # is sure of it and audio after it was heard: then it was whole, and a word shown sooner.
     SHOW_MIN_PROBABILITY = 0.7
+    SHOW_NEWEST_PROBABILITY = 0.95
+    SHOW_NEWEST_AFTER_SECONDS = 0.2
 
     def shown_tentative(self) -> list[Word]:
         """The tentative words worth showing: likely to survive the next decode."""
         shown = []
-        for word in self.tentative[:-1]:
+        for index, word in enumerate(self.tentative):
             if word.probability < self.SHOW_MIN_PROBABILITY or word.text.rstrip().endswith(("-", "...", "…")):
+                break
+            if index == len(self.tentative) - 1 and not self._newest_is_whole(word):
                 break
             shown.append(word)
         return shown
+
+    def _newest_is_whole(self, word: Word) -> bool:
+        return (
+            word.probability >= self.SHOW_NEWEST_PROBABILITY
+            and self.audio_end - word.end >= self.SHOW_NEWEST_AFTER_SECONDS
+        )
 
     def prompt(self, max_chars: int = 200) -> str | None:
         """Committed text before the window: context for the decoder, never decoded again."""

@@ -26,6 +26,8 @@ class Settings:
     device: str = "auto"
     compute_type: str = "int8_float32"
     partial_every_ms: int = 500
+    # While the model has time, partials come this often instead (on the same grid; 0: never).
+    fast_partial_every_ms: int = 250
     window_seconds: float = 6.0
     cpu_threads: int = os.cpu_count() or 1
     inference_workers: int | None = None  # None: chosen by calibration
@@ -58,6 +60,9 @@ class Settings:
             device=_choice(env, "DEVICE", defaults.device, ("auto", "cpu", "cuda")),
             compute_type=env.get("COMPUTE_TYPE", "").strip() or defaults.compute_type,
             partial_every_ms=int(_number(env, "PARTIAL_EVERY_MS", defaults.partial_every_ms, 50, 10_000, int)),
+            fast_partial_every_ms=int(
+                _number(env, "FAST_PARTIAL_EVERY_MS", defaults.fast_partial_every_ms, 0, 10_000, int)
+            ),
             window_seconds=_number(env, "WINDOW_SECONDS", defaults.window_seconds, 1.0, 30.0, float),
             cpu_threads=int(_number(env, "CPU_THREADS", defaults.cpu_threads, 1, 256, int)),
             inference_workers=(

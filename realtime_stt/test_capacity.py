@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from realtime_stt.capacity import Costs, better, final_seconds, partial_seconds, plan
+from realtime_stt.capacity import Costs, better, final_seconds, partial_interval, partial_seconds, plan
 
 # Roughly tiny.en on two slow cores, one thread a worker.
 SMALL = Costs(
@@ -93,3 +93,14 @@ def test_with_one_worker_the_others_finals_hold_up_partials_and_a_second_worker_
     # Several: on one worker a round of partials waits behind someone's final; on two it does not.
     assert p95(1, 4)[0] >= final_seconds(SMALL, 10) + partial_seconds(SMALL, 4) > p95(2, 4)[0]
     assert p95(2, 4)[1] < p95(1, 4)[1]
+
+
+def test_partials_go_fast_on_the_same_grid_while_the_model_has_time():
+    assert partial_interval(500, 250, lag=0.3, speakers=1, capacity=4) == 0.25  # twice as often
+    assert partial_interval(500, 250, lag=0.3, speakers=2, capacity=4) == 0.25
+    assert partial_interval(500, 250, lag=0.3, speakers=3, capacity=4) == 0.5  # twice 3 do not fit
+    assert partial_interval(500, 250, lag=0.6, speakers=1, capacity=4) == 0.5  # partials run late
+    assert partial_interval(600, 250, lag=0.1, speakers=1, capacity=4) == 0.3  # a whole fraction: one grid
+    assert partial_interval(2000, 250, lag=0.5, speakers=1, capacity=16) == 0.25
+    assert partial_interval(500, 0, lag=0.0, speakers=1, capacity=4) == 0.5  # off
+    assert partial_interval(500, 700, lag=0.0, speakers=1, capacity=4) == 0.5  # not faster: off

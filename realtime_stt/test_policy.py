@@ -43,6 +43,17 @@ def test_only_tentative_words_likely_to_survive_are_shown():
     assert policy.shown_tentative() == []  # nothing from a cut-off word on
 
 
+def test_the_newest_word_is_shown_only_when_sure_and_followed_by_audio():
+    policy = LocalAgreement(window_seconds=6.0)
+    # words() spaces words 0.5 s apart: 'reader' ends at 1.4 s.
+    policy.update(words("if the reader"), 1.5)
+    assert texts(policy.shown_tentative()) == "if the"  # it may be cut off where the audio ends
+    policy.update(words("if a reader", probability=0.97), 1.9)
+    assert texts(policy.shown_tentative()) == "a reader"  # sure, and 0.5 s of audio after it
+    policy.update(words("a reader will", start=0.5) + [Word(1.5, 1.6, " ex", 0.8)], 1.9)
+    assert texts(policy.shown_tentative()) == "will"  # not sure of 'ex': held back
+
+
 def test_committed_words_are_never_revised_even_when_a_later_decode_disagrees():
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(words("the narrative would be"), 2.0)

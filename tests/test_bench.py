@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import EVAL_DIR, ROOT, manifest, read_pcm
 
-from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile
+from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile, word_latency
 
 
 def test_percentile_interpolates():
@@ -35,6 +35,18 @@ def test_coverage_and_committed_revisions():
     assert coverage("Ask not.", "") == (0, 2)
     assert committed_revisions(["", "If", "If the", "If the reader"]) == 0
     assert committed_revisions(["If the", "If a"]) == 1
+
+
+def test_word_latency_is_the_first_partial_that_holds_a_word_after_it_was_spoken():
+    words = [(" Ask", 0.2, 0.5), (" not", 0.5, 0.8), (" what", 0.9, 1.1), (" your", 1.1, 1.3)]
+    partials = [
+        (0.3, "", "what"),  # 'what' not yet begun: a coincidence, not the word
+        (0.9, "", "Ask not"),
+        (1.4, "Ask", "Ask not, what"),  # shown in order; 'your' never shown
+    ]
+    shown, committed = word_latency(words, partials)
+    assert shown[:3] == pytest.approx([0.4, 0.1, 0.3]) and shown[3] is None
+    assert committed[0] == pytest.approx(0.9) and committed[1:] == [None, None, None]
 
 
 def test_error_rate_pools_words_and_scores_characters_for_chinese():
@@ -71,6 +83,10 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     assert figures["environment"]["model"] == "tiny.en"
     assert run["cadence_p50_s"] > 0 and run["first_text_p50_s"] > 0 and run["flicker"] is not None
     assert 0 <= run["coverage"] <= 1 and isinstance(run["wer_last_partial"], float)
+    # Word latency against the offline decode's word times; at a twentieth of real time words are
+    # shown long after they were spoken (in wall seconds).
+    assert 0 < run["words_shown_before_stop"] <= 1 and run["word_shown_p50_s"] > 0 and run["first_words_p50_s"] > 0
+    assert "| word shown p50 / p95 (committed) |" in result.stdout
     [row] = figures["files"]
     assert row["final"] and row["last_partial"] and row["partials"] >= 2 and row["wer_final"] == run["wer_final"]
     assert "| final latency p50 / p95 |" in result.stdout
