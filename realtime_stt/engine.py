@@ -9,6 +9,7 @@ serving every socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 from collections import deque
@@ -41,6 +42,9 @@ LOAD_WINDOW_SECONDS = 3.0
 SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.01
 LAG_WINDOW_SECONDS = 5.0
+# While live speakers stream, uploads get at most this share of a worker's time: on a small machine
+# an upload running flat out takes a core the live partials and finals share (README).
+UPLOAD_SHARE_WHILE_LIVE = 0.1
 _NO_AUDIO = np.zeros(0, dtype=np.float32)  # an upload step carries its own work, not audio
 
 
@@ -99,6 +103,7 @@ class Engine:
         # (when, seconds from request to text, requester) of recent partials; bounded, as nobody may
         # ask for the lag for a long time.
         self._lags: deque[tuple[float, float, object]] = deque(maxlen=4096)
+        self._uploads_resume_at = 0.0  # loop time before which no upload step starts (upload_pause)
 
     async def start(self) -> None:
         # With two or more workers the last one takes no partials, so that a final need not wait for
@@ -241,11 +246,16 @@ class Engine:
         # Uploads go to a worker that takes no partials, where there is one: a window (a second or
         # more) there holds up no partial batch.
         uploads = finals_only or self.workers == 1
+        loop = asyncio.get_running_loop()
         while True:
-            first = self._take_next(finals_only=finals_only, final_ran=final_ran, uploads=uploads)
+            gated = loop.time() < self._uploads_resume_at
+            first = self._take_next(finals_only=finals_only, final_ran=final_ran, uploads=uploads and not gated)
             if first is None:
                 self._queued.clear()
-                await self._queued.wait()
+                # An upload step held back by the gate is taken when the gate opens, or sooner work.
+                wait = self._uploads_resume_at - loop.time() if uploads and gated and self._has_upload_steps() else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._queued.wait(), wait)
                 continue
             batch = self._live([first])
             if batch and batch[0].work is not None:
@@ -314,7 +324,13 @@ class Engine:
             if not job.future.done():
                 job.future.set_result(result)
         finally:
-            self.metrics.model_seconds.labels(KINDS[PRIORITY_UPLOAD]).observe(asyncio.get_running_loop().time() - start)
+            now = asyncio.get_running_loop().time()
+            self.metrics.model_seconds.labels(KINDS[PRIORITY_UPLOAD]).observe(now - start)
+            live = bool(self._streaming(since=now - LOAD_WINDOW_SECONDS))
+            self._uploads_resume_at = now + upload_pause(now - start, live=live)
+
+    def _has_upload_steps(self) -> bool:
+        return any(job.priority == PRIORITY_UPLOAD for job in self._queue)
 
     def _live(self, jobs: list[Job]) -> list[Job]:
         """The jobs still wanted; the others are answered None without running."""
@@ -355,6 +371,12 @@ def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool, upload
     if job.priority == PRIORITY_FINAL and final_ran:
         job = min((j for j in jobs if j.priority == PRIORITY_PARTIAL), default=job)
     return job
+
+
+def upload_pause(step_seconds: float, *, live: bool) -> float:
+    """Seconds no upload step may start after one that took ``step_seconds``: none while nobody
+    streams, else enough that uploads keep to UPLOAD_SHARE_WHILE_LIVE of the worker's time."""
+    return step_seconds * (1 / UPLOAD_SHARE_WHILE_LIVE - 1) if live else 0.0
 
 
 def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ from realtime_stt.engine import (
     PRIORITY_UPLOAD,
     Job,
     next_job,
+    upload_pause,
 )
 
 
@@ -51,3 +52,9 @@ def test_upload_windows_come_after_every_live_job_and_only_where_uploads_are_tak
     assert next_job([upload], finals_only=True, final_ran=True) is upload
     assert next_job([upload], finals_only=False, final_ran=False, uploads=False) is None
     assert next_job([upload, partial], finals_only=False, final_ran=False, uploads=False) is partial
+
+
+def test_uploads_keep_to_a_small_share_of_a_worker_while_live_speakers_stream():
+    assert upload_pause(0.5, live=False) == 0.0  # nobody streams: back to back
+    pause = upload_pause(0.5, live=True)
+    assert 0.5 / (0.5 + pause) == 0.1  # one tenth of the worker's time
