@@ -35,8 +35,9 @@ def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None
     figures: dict = {"file": u.item.name, "language": u.item.language, "duration_s": u.item.duration}
     if final is None:
         return {**figures, "error": u.error or "no final", "errors": len(u.of_type("error"))}
-    arrivals = [t for t, _ in partials if t <= u.stop_sent]
-    texts = [m["text"] for t, m in partials if t <= u.stop_sent]
+    before_stop = [(t, m) for t, m in partials if t <= u.stop_sent]
+    arrivals = [t for t, _ in before_stop]
+    texts = [m["text"] for _, m in before_stop]
     last = texts[-1] if texts else ""
     rewrites, strict, updates = flicker(texts, u.item.language)
     matched, total = coverage(final["text"], last, u.item.language)
@@ -44,8 +45,9 @@ def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None
     cadence = [round(float(c), 4) for c in np.diff(arrivals)]
     scored = [(u.item.reference, final["text"], u.item.language)] if u.item.scored else []
     timed = [(w, start / speed, end / speed) for w, start, end in words or []]
-    before_stop = [(t - u.first_audio, m.get("committed", ""), m["text"]) for t, m in partials if t <= u.stop_sent]
-    shown, committed = word_latency(timed, before_stop, u.item.language)
+    shown, committed = word_latency(
+        timed, [(t - u.first_audio, m.get("committed", ""), m["text"]) for t, m in before_stop], u.item.language
+    )
     return {
         **figures,
         "final_latency_s": final_time(u) - u.stop_sent,
