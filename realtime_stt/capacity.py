@@ -208,15 +208,18 @@ def better(a: Plan, b: Plan) -> Plan:
     return few if single_final(few) <= 0.8 * single_final(many) else many
 
 
-def partial_interval(every_ms: int, fast_ms: int, *, lag: float, speakers: int, capacity: int) -> float:
+def partial_interval(
+    every_ms: int, fast_ms: int, *, lag: float, speakers: int, capacity: int, speaking: bool = True
+) -> float:
     """Seconds to the next partial: ``every_ms``, or a whole fraction of it near ``fast_ms`` while
-    the model has time for it. Fast partials cost ``every_ms / fast`` times the model time, so they
-    are taken while that many times the ``speakers`` streaming now fit the calibrated ``capacity``,
-    and while partials are not late (``lag``, request to text, within ``every_ms``). A word then
-    waits less for the decode that shows it; the fast grid holds the slow one's points, so fast and
-    slow speakers still meet in one batch."""
+    the speaker is ``speaking`` and the model has time for it. Fast partials cost ``every_ms / fast``
+    times the model time, so they are taken while that many times the ``speakers`` streaming now
+    fit the calibrated ``capacity``, and while partials are not late (``lag``, request to text,
+    within ``every_ms``). A word then waits less for the decode that shows it; the fast grid holds
+    the slow one's points, so fast and slow speakers still meet in one batch. In a pause the text
+    changes little, and the model's time is better spent on the (speculative) final."""
     slow, fast = every_ms / 1000, fast_ms / 1000
-    if not 0 < fast < slow:
+    if not (speaking and 0 < fast < slow):
         return slow
     fast = slow / round(slow / fast)
     return fast if speakers * slow / fast <= capacity and lag <= slow else slow

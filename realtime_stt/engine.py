@@ -210,19 +210,17 @@ class Engine:
         lags = sorted(lag for _, lag, _ in self._lags)
         return lags[int(0.9 * (len(lags) - 1))] if lags else 0.0
 
-    def partial_interval(self, *, speaking: bool = True) -> float:
-        """Seconds between a session's partials now: faster while the model has time (capacity.py)
-        and the speaker is speaking. In a pause the text changes little, and the model's time is
-        better spent on the speculative final and on the final the stop may soon bring."""
+    def partial_interval(self, *, speaking: bool) -> float:
+        """Seconds between a session's partials now: faster while the speaker speaks and the model
+        has time (capacity.partial_interval)."""
         settings, now = self.settings, asyncio.get_running_loop().time()
-        if not speaking:
-            return settings.partial_every_ms / 1000
         return partial_interval(
             settings.partial_every_ms,
             settings.fast_partial_every_ms,
             lag=self.partial_lag(),
             speakers=len(self._streaming(since=now - LOAD_WINDOW_SECONDS)),
             capacity=self.plan.capacity,
+            speaking=speaking,
         )
 
     def forget(self, requester: object) -> None:

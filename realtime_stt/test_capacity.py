@@ -100,6 +100,7 @@ def test_partials_go_fast_on_the_same_grid_while_the_model_has_time():
     assert partial_interval(500, 250, lag=0.3, speakers=2, capacity=4) == 0.25
     assert partial_interval(500, 250, lag=0.3, speakers=3, capacity=4) == 0.5  # twice 3 do not fit
     assert partial_interval(500, 250, lag=0.6, speakers=1, capacity=4) == 0.5  # partials run late
+    assert partial_interval(500, 250, lag=0.3, speakers=1, capacity=4, speaking=False) == 0.5  # a pause
     assert partial_interval(600, 250, lag=0.1, speakers=1, capacity=4) == 0.3  # a whole fraction: one grid
     assert partial_interval(2000, 250, lag=0.5, speakers=1, capacity=16) == 0.25
     assert partial_interval(500, 0, lag=0.0, speakers=1, capacity=4) == 0.5  # off
