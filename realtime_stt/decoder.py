@@ -191,7 +191,7 @@ class Decoder:
         def encode(frames: int, rows: int) -> Any:
             return WhisperModel.encode(model, padded(frames, rows))
 
-        vad_features = _seconds(lambda: (get_speech_timestamps(window, VAD_OPTIONS), model.feature_extractor(window)))
+        vad_features = _seconds(lambda: (speech_chunks(window), model.feature_extractor(window)))
         encode_partial = _seconds(lambda: encode(1500, 1))
         busy_windows = 2 if self.device == "cpu" else batch
         encode_busy = _seconds(lambda: encode(1000, busy_windows))
@@ -261,7 +261,7 @@ class Decoder:
         language detection and the alignment use its output, and transcribe is handed it back.
         """
         model = self.model
-        chunks = get_speech_timestamps(audio, VAD_OPTIONS)
+        chunks = speech_chunks(audio)
         if not chunks:
             return Transcript((), options.language, language_probability=0.0)
         speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])
@@ -338,7 +338,7 @@ class Decoder:
         busy = len(audios) > 2  # a batch this big means load: cadence comes first
         rows = []
         for index, (audio, item) in enumerate(zip(audios, each)):
-            chunks = get_speech_timestamps(audio, VAD_OPTIONS)
+            chunks = speech_chunks(audio)
             if chunks:  # else silence: nothing to decode
                 previous = text_tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
                 rows.append((index, audio, item, chunks, previous))
@@ -511,7 +511,8 @@ def _segment(segment: Any) -> Segment:
 
 
 def speech_chunks(audio: np.ndarray) -> list[dict]:
-    """Where a file's speech is, as offline faster-whisper's VAD filter finds it (sample ranges)."""
+    """Where the speech is in some audio, as offline faster-whisper's VAD filter finds it (sample
+    ranges): a session's window, a final, or an uploaded file."""
     return get_speech_timestamps(audio, VAD_OPTIONS) if audio.size else []
 
 
