@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -173,3 +174,24 @@ async def speak(ws, pcm: bytes, *, config: dict | None = None, realtime: float =
     await ws.send(json.dumps({"type": "stop"}))
     await asyncio.wait_for(receiver, timeout=600)  # a generous bound: speed is the benchmark's job
     return Run(messages, stop_sent)
+
+
+async def stream(ws, pcm: bytes, speed: float = 1.0, frame_bytes: int = 3200) -> None:
+    """Send PCM paced by the clock at ``speed`` times real time (a slow send does not stretch it);
+    no stop, no reading."""
+    start = time.monotonic()
+    for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
+        await asyncio.sleep(max(0.0, start + index * frame_bytes / 32000 / speed - time.monotonic()))
+        await ws.send(pcm[offset : offset + frame_bytes])
+
+
+async def closed(ws, timeout: float = 30) -> tuple[int, str, list[dict]]:
+    """Read until the server closes the socket: its close code and reason, and what came before."""
+    import websockets
+
+    messages = []
+    with pytest.raises(websockets.ConnectionClosed) as closing:
+        async with asyncio.timeout(timeout):
+            while True:
+                messages.append(json.loads(await ws.recv()))
+    return closing.value.rcvd.code, closing.value.rcvd.reason, messages

@@ -26,11 +26,13 @@ import websockets
 from conftest import (
     ROOT,
     Server,
+    closed,
     free_port,
     manifest,
     read_pcm,
     speak,
     start_server,
+    stream,
     wer,
 )
 
@@ -234,20 +236,3 @@ def test_sigterm_mid_utterance_gives_the_final_and_new_sessions_go_to_the_other(
     assert on_small == 1
     assert wer(manifest()[SHORT]["text"], served.final["text"]) <= WER_BOUND, served.final
     assert exited == -signal.SIGTERM
-
-
-async def stream(ws, pcm: bytes, speed: float = 1.0, frame_bytes: int = 3200) -> None:
-    start = time.monotonic()
-    for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
-        await asyncio.sleep(max(0.0, start + index * frame_bytes / 32000 / speed - time.monotonic()))
-        await ws.send(pcm[offset : offset + frame_bytes])
-
-
-async def closed(ws, timeout: float = 30) -> tuple[int, str, list[dict]]:
-    """Read until the server closes the socket: its close code and reason, and what came before."""
-    messages = []
-    with pytest.raises(websockets.ConnectionClosed) as closing:
-        async with asyncio.timeout(timeout):
-            while True:
-                messages.append(json.loads(await ws.recv()))
-    return closing.value.rcvd.code, closing.value.rcvd.reason, messages

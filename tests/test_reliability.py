@@ -13,7 +13,7 @@ import urllib.request
 import psutil
 import pytest
 import websockets
-from conftest import manifest, read_pcm, speak, start_server, wer
+from conftest import closed, manifest, read_pcm, speak, start_server, stream, wer
 from prometheus_client.parser import text_string_to_metric_families
 
 SPEECH = "en_librispeech_dev-clean_2412-153948-0000.wav"  # 11.7 s
@@ -45,23 +45,6 @@ def metrics(server) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
-
-
-async def closed(ws, timeout: float = 30) -> tuple[int, str, list[dict]]:
-    """Read until the server closes the socket: its close code and reason, and what came before."""
-    messages = []
-    with pytest.raises(websockets.ConnectionClosed) as closing:
-        async with asyncio.timeout(timeout):
-            while True:
-                messages.append(json.loads(await ws.recv()))
-    return closing.value.rcvd.code, closing.value.rcvd.reason, messages
-
-
-async def stream(ws, pcm: bytes, speed: float = 1.0, frame_bytes: int = 3200) -> None:
-    start = time.monotonic()
-    for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
-        await asyncio.sleep(max(0.0, start + index * frame_bytes / 32000 / speed - time.monotonic()))
-        await ws.send(pcm[offset : offset + frame_bytes])
 
 
 @pytest.fixture(scope="module")
