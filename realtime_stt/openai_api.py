@@ -159,7 +159,7 @@ class OpenAIApi:
                     outcome = ["client_gone"]
                     holding = False  # the stream lets go of its slot when it ends, however it ends
                     return _Stream(self._events(request, engine, decode, outcome), lambda: self._streamed(outcome[0]))
-                segments = await _all_segments(engine, decode, gone)
+                segments = [segment async for segment in _segments(engine, decode, gone)]
             self._answered(decode)
             return _answer(fields, task, decode, segments)
         except ApiError as error:
@@ -187,15 +187,15 @@ class OpenAIApi:
         try:
             async with _watching(request) as gone:
                 text = ""
-                while decode is not None and (segment := await engine.next_segment(decode, gone.is_set)) is not None:
+                async for segment in _segments(engine, decode, gone):
                     delta = segment.text if text else segment.text.lstrip()
                     text += delta
                     yield _event({"type": "transcript.text.delta", "delta": delta})
-                if decode is None or gone.is_set():
-                    return
                 yield _event({"type": "transcript.text.done", "text": text.strip()})
                 outcome[0] = "ok"
                 self.metrics.upload_audio_seconds.inc(decode.duration)
+        except ClientDisconnect:
+            return  # nobody reads the rest; outcome[0] stays "client_gone"
         except Exception:
             logger.exception("upload failed while streaming")
             outcome[0] = "error"
@@ -370,13 +370,13 @@ async def _watching(request: Request) -> AsyncIterator[asyncio.Event]:
         watcher.cancel()
 
 
-async def _all_segments(engine: Engine, decode: FileDecode | None, gone: asyncio.Event) -> list[Segment]:
-    segments = []
+async def _segments(engine: Engine, decode: FileDecode | None, gone: asyncio.Event) -> AsyncIterator[Segment]:
+    """The file's segments, each as its window is decoded; ClientDisconnect once the client has gone
+    (``decode`` is None when it went before the decode could start)."""
     while decode is not None and (segment := await engine.next_segment(decode, gone.is_set)) is not None:
-        segments.append(segment)
+        yield segment
     if decode is None or gone.is_set():
         raise ClientDisconnect
-    return segments
 
 
 def _answer(fields: UploadForm, task: str, decode: FileDecode, segments: list[Segment]) -> Response:
