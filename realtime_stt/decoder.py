@@ -48,6 +48,7 @@ from faster_whisper.vad import (
     collect_chunks,
     get_speech_timestamps,
 )
+from threadpoolctl import threadpool_limits
 
 from realtime_stt.capacity import PARTIAL_TOKENS, Costs
 from realtime_stt.settings import SAMPLE_RATE, Settings
@@ -566,6 +567,10 @@ def load_model(settings: Settings, workers: int | None = None) -> tuple[Any, str
         raise ModelLoadError(f"MODEL_ID={model_id!r}: no such directory. {hint}")
     device = device_of(settings)
     workers = workers or settings.inference_workers or 1
+    # NumPy's BLAS keeps its threads spinning for a while after each call; the log-mel features'
+    # one small matrix product woke them before every encode, and they then took the cores from
+    # CTranslate2's threads (README, "CPU"). The model's threads get the cores to themselves.
+    threadpool_limits(1, user_api="blas")
     try:
         model = _WhisperModel(
             str(Path(model_id).expanduser()) if looks_like_path else model_id,
