@@ -183,6 +183,7 @@ class Pipeline:
         self._closed = False
         self._audio_arrived = asyncio.Event()
         self._audio_to_score = asyncio.Event()
+        self._speech_began = asyncio.Event()  # the speaker spoke after a pause (or for the first time)
         self._scoring = asyncio.Lock()
 
     async def run(self) -> None:
@@ -243,7 +244,7 @@ class Pipeline:
 
     async def _make_partials(self) -> None:
         loop = asyncio.get_running_loop()
-        earliest = 0.0
+        last_tick = 0.0
         while True:
             # Cadence, not polling: this waits only while new audio is pending.
             await self._audio_arrived.wait()
@@ -251,16 +252,26 @@ class Pipeline:
             # engine's queue at the same moment and run as one batch. Under load a decode outlasts
             # the interval: the next one starts as soon as it returns, with the sessions that shared
             # its batch, so cadence stretches to the batch's time instead of work queueing.
-            speech = self.utterance.speech
-            interval = self.engine.partial_interval(speaking=speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE)
-            now = loop.time()
-            tick = max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
-            await asyncio.sleep(max(0.0, tick - loop.time()))
+            self._speech_began.clear()
+            try:
+                # Speech that begins during a pause's slow wait moves the partial to the next fast
+                # grid point: the first words wait for no slow tick.
+                async with asyncio.timeout_at(self._next_tick(loop.time(), last_tick)):
+                    await self._speech_began.wait()
+                await asyncio.sleep(max(0.0, self._next_tick(loop.time(), last_tick) - loop.time()))
+            except TimeoutError:
+                pass
             self._audio_arrived.clear()
-            # The next grid point, also after a late start: a session that kept the phase of its
-            # late start would meet the others' batches no more.
-            earliest = (math.floor(tick / interval + 1e-9) + 1) * interval
+            last_tick = loop.time()
             await self._partial()
+
+    def _next_tick(self, now: float, last_tick: float) -> float:
+        """The first point of the grid after ``last_tick``, now if that is already past: a session that
+        kept the phase of a late start would meet the others' batches no more."""
+        speech = self.utterance.speech
+        interval = self.engine.partial_interval(speaking=speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE)
+        earliest = (math.floor(last_tick / interval + 1e-9) + 1) * interval
+        return max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
 
     async def _partial(self) -> None:
         utterance = self.utterance
@@ -320,7 +331,10 @@ class Pipeline:
             await self._audio_to_score.wait()
             self._audio_to_score.clear()
             utterance = self.utterance
+            paused = utterance.speech.trailing_silence() >= self.SPECULATE_AFTER_SILENCE
             await self._score_speech(utterance)
+            if paused and utterance.speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE:
+                self._speech_began.set()
             self._maybe_speculate(utterance)
 
     async def _score_speech(self, utterance: Utterance) -> None:
