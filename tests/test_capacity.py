@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import websockets
-from conftest import read_pcm, speak, start_server
+from conftest import read_pcm, speak, start_server, tiny_model_path
 
 SHORT = "en_librispeech_dev-clean_1272-128104-0000.wav"  # 5.9 s
 SPEECH = "en_librispeech_dev-clean_2412-153948-0000.wav"  # 11.7 s
@@ -34,6 +34,19 @@ def test_health_tells_what_calibration_measured_and_chose(server):
     assert body["accepting"] is True
     assert f"about {calibration['capacity']} speaker" in calibration["summary"]
     assert calibration["summary"] in server.log_text()  # said in one line at start-up
+
+
+def test_loading_the_model_leaves_numpy_one_blas_thread():
+    # NumPy's BLAS threads spin after each call; with more than one they took the cores from every
+    # encode that followed the features (README, "CPU").
+    from threadpoolctl import threadpool_info
+
+    from realtime_stt.decoder import load_model
+    from realtime_stt.settings import Settings
+
+    load_model(Settings(model_id=tiny_model_path()))
+    threads = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert threads and set(threads) == {1}, threadpool_info()
 
 
 def test_set_values_win_over_calibration(tmp_path):
