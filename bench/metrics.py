@@ -29,11 +29,13 @@ def _normalizer(language: str):
 
 
 def units(text: str, language: str) -> list[str]:
-    """Normalised words (characters for ja/zh/ko), as the eval set's README says to score."""
+    """Normalised words (characters for ja/zh/ko), as the eval set's README says to score. The
+    English normaliser keeps a trailing '...' as a '.' of its own (it keeps decimal points): that
+    is no word, and a partial that then went on would count as rewriting it."""
     normalized = _normalizer(language)(text)
     if language in CER_LANGUAGES:
         return [c for c in normalized if not c.isspace()]
-    return normalized.split()
+    return [unit for unit in normalized.split() if any(c.isalnum() for c in unit)]
 
 
 def error_rate(pairs: Sequence[tuple[str, str, str]]) -> float | None:

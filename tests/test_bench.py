@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import EVAL_DIR, ROOT, manifest, read_pcm
 
-from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile, word_latency
+from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile, units, word_latency
 
 
 def test_percentile_interpolates():
@@ -17,6 +17,13 @@ def test_percentile_interpolates():
     assert percentile([3.0], 95) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_an_ellipsis_that_words_then_follow_is_no_rewrite():
+    # The English normaliser keeps a trailing '...' as a '.' of its own: it is no word shown.
+    assert flicker(["we are expecting...", "we are expecting... some people"]) == (0, 0, 1)
+    assert units("pictures are... a sort of", "en") == ["pictures", "are", "a", "sort", "of"]
+    assert units("3.5 seconds", "en") == ["3.5", "seconds"]
 
 
 def test_flicker_counts_rewrites_of_shown_words_but_not_a_growing_last_word():
