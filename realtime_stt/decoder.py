@@ -569,7 +569,7 @@ def load_model(settings: Settings, workers: int | None = None) -> tuple[Any, str
     workers = workers or settings.inference_workers or 1
     # NumPy's BLAS keeps its threads spinning for a while after each call; the log-mel features'
     # one small matrix product woke them before every encode, and they then took the cores from
-    # CTranslate2's threads (README, "CPU"). The model's threads get the cores to themselves.
+    # CTranslate2's threads (README, "CPU threads"). The model's threads get the cores to themselves.
     threadpool_limits(1, user_api="blas")
     try:
         model = _WhisperModel(

@@ -38,7 +38,7 @@ def test_health_tells_what_calibration_measured_and_chose(server):
 
 def test_loading_the_model_leaves_numpy_one_blas_thread():
     # NumPy's BLAS threads spin after each call; with more than one they took the cores from every
-    # encode that followed the features (README, "CPU").
+    # encode that followed the features (README, "CPU threads").
     from threadpoolctl import threadpool_info
 
     from realtime_stt.decoder import load_model
