@@ -23,6 +23,11 @@ FINAL_BOUND = 2.0  # seconds, final latency p95
 # cores. A plan for several speakers holds only with this much room left (fitted to the benchmark's
 # sweeps, README); one speaker alone has the machine to itself and needs none.
 ROOM = 0.7
+# A final on a worker of its own waits for no partials: its predicted p95 came within a fifth of the
+# measured one at every level of the sweeps (README), so it keeps less room. With ROOM, 20 % slower
+# costs at start-up turned tiny.en's capacity from 4 into 1 (the predicted final is flat from two
+# speakers on); the partials' bound is what holds it back under load.
+FINAL_ROOM = 0.85
 CADENCE_ROOM = 0.9  # one speaker alone: partials come as fast as one takes, with this room
 MOST_SPEAKERS = 4096
 
@@ -144,9 +149,10 @@ def predicted_p95(costs: Costs, speakers: int, *, workers: int, max_batch: int, 
 def serves(costs: Costs, speakers: int, *, workers: int, max_batch: int, cadence: float, busy_span_always: bool) -> bool:
     """Whether ``speakers`` real-time speakers get partial cadence p95 <= 2x cadence and final p95 <= 2 s."""
     room = ROOM if speakers > 1 else 1.0
+    final_room = (FINAL_ROOM if workers > 1 else ROOM) if speakers > 1 else 1.0
     partial, final = predicted_p95(costs, speakers, workers=workers, max_batch=max_batch, cadence=cadence,
                                    busy_span_always=busy_span_always)
-    return partial <= room * 2 * cadence and final <= room * FINAL_BOUND
+    return partial <= room * 2 * cadence and final <= final_room * FINAL_BOUND
 
 
 def plan(

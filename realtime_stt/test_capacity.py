@@ -95,6 +95,25 @@ def test_with_one_worker_the_others_finals_hold_up_partials_and_a_second_worker_
     assert p95(2, 4)[1] < p95(1, 4)[1]
 
 
+def test_a_start_up_on_a_busier_moment_does_not_fall_to_one_speaker():
+    # tiny.en as a server on this machine measured it (2026-11-27), then 20 % slower: the two-worker
+    # layout's predicted final p95 is flat from two speakers on, so the final's bound decided
+    # between 4 speakers and 1.
+    measured = Costs(
+        vad_features=0.0131, encode_partial=0.1059, encode_busy=0.1331, encode_busy_windows=2, encode_final=0.4331,
+        generate_1=0.1085, generate_batch=0.243, align_1=0.0185, align_batch=0.1727, batch=8,
+    )
+    slower = Costs(**{k: v * 1.2 if isinstance(v, float) else v for k, v in measured.__dict__.items()})
+    assert choose(measured).capacity == 4
+    assert choose(slower).capacity == 4
+    # base as the same machine measured it: 1 speaker held, 2 had a final p95 of 2.16 s. Still 1.
+    base = Costs(
+        vad_features=0.0123, encode_partial=0.2081, encode_busy=0.2456, encode_busy_windows=2, encode_final=0.8044,
+        generate_1=0.1921, generate_batch=0.514, align_1=0.0332, align_batch=0.2433, batch=8,
+    )
+    assert choose(base).capacity == 1
+
+
 def test_partials_go_fast_on_the_same_grid_while_the_model_has_time():
     assert partial_interval(500, 250, lag=0.3, speakers=1, capacity=4) == 0.25  # twice as often
     assert partial_interval(500, 250, lag=0.3, speakers=2, capacity=4) == 0.25
