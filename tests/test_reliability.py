@@ -137,11 +137,13 @@ def test_metrics_are_behind_the_api_key(tmp_path):
 
 
 def test_sigterm_mid_utterance_sends_every_final_then_1012_and_exits(tmp_path):
-    """SIGTERM while one speaker talks in real time, another's 42 s utterance waits for its final
+    """SIGTERM while one speaker talks in real time, another's 84 s utterance waits for its final
     and a third socket is idle: both finals come, then 1012; the idle one gets 1012 at once; new
     sockets and /health say the server is draining; the process ends within DRAIN_SECONDS."""
     drain = 10.0
-    long = b"".join(map(read_pcm, (SPEECH, SHORT, THIRD, JFK)))
+    # Long enough that its final outlasts the checks made during the drain: with a 42 s one, a
+    # fast machine had finished the drain and closed its port before the upload was tried.
+    long = b"".join(map(read_pcm, (SPEECH, SHORT, THIRD, JFK))) * 2
     # Three sockets at once whatever this machine's calibration admits: this is the drain's test,
     # not admission's (a busy machine can calibrate tiny.en at one speaker).
     env = {"DRAIN_SECONDS": str(drain), "MAX_SESSIONS": "8", "MAX_PARTIAL_LAG_SECONDS": "0"}
