@@ -268,8 +268,7 @@ class Pipeline:
     def _next_tick(self, now: float, last_tick: float) -> float:
         """The first point of the grid after ``last_tick``, now if that is already past: a session that
         kept the phase of a late start would meet the others' batches no more."""
-        speech = self.utterance.speech
-        interval = self.engine.partial_interval(speaking=speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE)
+        interval = self.engine.partial_interval(speaking=not self._paused(self.utterance))
         earliest = (math.floor(last_tick / interval + 1e-9) + 1) * interval
         return max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
 
@@ -331,9 +330,9 @@ class Pipeline:
             await self._audio_to_score.wait()
             self._audio_to_score.clear()
             utterance = self.utterance
-            paused = utterance.speech.trailing_silence() >= self.SPECULATE_AFTER_SILENCE
+            paused = self._paused(utterance)
             await self._score_speech(utterance)
-            if paused and utterance.speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE:
+            if paused and not self._paused(utterance):
                 self._speech_began.set()
             self._maybe_speculate(utterance)
 
@@ -353,6 +352,11 @@ class Pipeline:
             probabilities, speech.vad_state = await asyncio.to_thread(speech_probabilities, samples, speech.vad_state)
             speech.add(probabilities)
 
+    def _paused(self, utterance: Utterance) -> bool:
+        """The speaker has been silent for SPECULATE_AFTER_SILENCE, as far as the audio is scored:
+        partials slow down, the final may start, and speech after it wakes the partials."""
+        return utterance.speech.trailing_silence() >= self.SPECULATE_AFTER_SILENCE
+
     def _maybe_speculate(self, utterance: Utterance) -> None:
         speech = utterance.speech
         if (
@@ -361,7 +365,7 @@ class Pipeline:
             or not self._final_decodes_whole(utterance)
             or utterance.seconds > self.FULL_FINAL_SECONDS
             or not speech.heard()
-            or speech.trailing_silence() < self.SPECULATE_AFTER_SILENCE
+            or not self._paused(utterance)
         ):
             return
         earlier = utterance.speculation
