@@ -28,7 +28,8 @@ def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None
     - wer_final / wer_last_partial: this file alone (None for references that are an engine's output).
     - word_shown_s / word_committed_s: metrics.word_latency against ``words``, the offline decode's
       (text, start, end) in audio seconds (played at ``speed``); None for a word no partial showed.
-    - first_words_s: the first partial with text, from when the first word began.
+    - first_words_s: the first partial with text, from when the first word began (``offline``: where
+      Silero first hears speech, if Whisper's alignment puts it earlier).
     """
     partials = u.of_type("partial")
     final = u.final
@@ -154,6 +155,11 @@ def offline(model_id: str, items: list[Item], threads: int, compute_type: str, d
         seconds += time.process_time() - start
         texts[item.name] = " ".join(s.text.strip() for s in segments)
         words[item.name] = [(w.word, w.start, w.end) for s in segments for w in s.words or []]
+        if words[item.name]:
+            # The VAD filter pads speech by 400 ms, and Whisper aligns the first word to where the
+            # padded speech starts: up to 0.4 s before anyone spoke. Speech begins where Silero hears it.
+            word, start, end = words[item.name][0]
+            words[item.name][0] = (word, min(max(start, speech_onset(audio)), end), end)
     scored = [i for i in items if i.scored]
     return {
         "cpu_s": seconds,
@@ -161,6 +167,14 @@ def offline(model_id: str, items: list[Item], threads: int, compute_type: str, d
         "texts": texts,
         "words": words,
     }
+
+
+def speech_onset(audio: np.ndarray) -> float:
+    """Seconds to the first speech Silero hears in ``audio`` (faster-whisper's VAD, unpadded); 0 for none."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    chunks = get_speech_timestamps(audio, VadOptions(speech_pad_ms=0))
+    return chunks[0]["start"] / 16000 if chunks else 0.0
 
 
 def environment(args: argparse.Namespace, model_id: str, server_health: dict) -> dict:

@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import EVAL_DIR, ROOT, manifest, read_pcm
+from conftest import EVAL_DIR, ROOT, manifest, read_pcm, tiny_model_path
 
 from bench.metrics import committed_revisions, coverage, error_rate, flicker, percentile, units, word_latency
 
@@ -54,6 +55,19 @@ def test_word_latency_is_the_first_partial_that_holds_a_word_after_it_was_spoken
     shown, committed = word_latency(words, partials)
     assert shown[:3] == pytest.approx([0.4, 0.1, 0.3]) and shown[3] is None
     assert committed[0] == pytest.approx(0.9) and committed[1:] == [None, None, None]
+
+
+def test_the_first_word_begins_where_speech_does_not_at_the_padded_vad_chunk():
+    from bench.data import load_manifest
+    from bench.report import offline, speech_onset
+
+    [item] = load_manifest(EVAL_DIR / "manifest.jsonl", None, {"en_mfa_style_whispered.wav"})
+    audio = np.frombuffer(read_pcm(item.name), dtype="<i2").astype(np.float32) / 32768
+    onset = speech_onset(audio)
+    assert 0.8 < onset < 1.1  # about a second of silence first
+    first_word = offline(tiny_model_path(), [item], 2, "int8_float32")["words"][item.name][0]
+    # Whisper alone put this word's start 0.4 s before the speech, at 0.53 s.
+    assert first_word[1] >= min(onset, first_word[2]) - 1e-6
 
 
 def test_error_rate_pools_words_and_scores_characters_for_chinese():
