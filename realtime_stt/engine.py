@@ -231,6 +231,11 @@ class Engine:
         self._lags.clear()
         self._lags.extend(kept)
 
+    def _over_capacity(self) -> bool:
+        """More speakers stream now than calibration says the partial workers serve in real time."""
+        now = asyncio.get_running_loop().time()
+        return len(self._streaming(since=now - LOAD_WINDOW_SECONDS)) > self.plan.capacity
+
     def _forget_busy(self, now: float) -> float:
         """Drop model calls that ended before the load window; the window's start."""
         since = now - LOAD_WINDOW_SECONDS
@@ -247,7 +252,12 @@ class Engine:
         loop = asyncio.get_running_loop()
         while True:
             gated = loop.time() < self._uploads_resume_at
-            first = self._take_next(finals_only=finals_only, final_ran=final_ran, uploads=uploads and not gated)
+            # Past the calibrated capacity one worker's partial batches queue behind each other, and
+            # the worker kept for finals takes partials too: a final then waits for one batch at most.
+            helping = finals_only and self._over_capacity()
+            first = self._take_next(
+                finals_only=finals_only and not helping, final_ran=final_ran and not finals_only, uploads=uploads and not gated
+            )
             if first is None:
                 self._queued.clear()
                 # An upload step held back by the gate is taken when the gate opens, or sooner work.
@@ -265,6 +275,8 @@ class Engine:
                 batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
             if batch:
                 final_ran = batch[0].priority == PRIORITY_FINAL
+                if helping and batch[0].priority == PRIORITY_PARTIAL:
+                    self.metrics.partial_batches_helped.inc()
                 await self._run(batch)
 
     def _take_next(self, *, finals_only: bool, final_ran: bool, uploads: bool) -> Job | None:

@@ -58,6 +58,11 @@ class Metrics:
         self.speculative_finals = Counter(
             "stt_speculative_finals", "Finals decoded during a pause that the stop used", registry=registry
         )
+        self.partial_batches_helped = Counter(
+            "stt_partial_batches_helped",
+            "Partial batches the worker kept for finals ran: more speakers streamed than the calibrated capacity",
+            registry=registry,
+        )
         self.skipped_speech_decodes = Counter(
             "stt_skipped_speech_decodes", "Finals that stopped reading early, and were read on", registry=registry
         )
@@ -98,6 +103,7 @@ class Metrics:
             "speculative_runs": int(value("stt_speculative_runs_total") or 0),
             "speculative_finals": int(value("stt_speculative_finals_total") or 0),
             "skipped_speech_decodes": int(value("stt_skipped_speech_decodes_total") or 0),
+            "partial_batches_helped": int(value("stt_partial_batches_helped_total") or 0),
         }
 
 

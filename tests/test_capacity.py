@@ -71,15 +71,18 @@ def test_past_capacity_new_sockets_are_refused_and_the_admitted_are_served(tmp_p
                     with_reason = await refused(extra)
                 health_now = await asyncio.to_thread(health, server)
                 served = await speak(sockets[0], read_pcm(SHORT), realtime=2.0)
+                after = await asyncio.to_thread(health, server)
             finally:
                 for ws in sockets:
                     await ws.close()
-            return with_reason, health_now, served
+            return with_reason, health_now, served, after
 
-        (code, reason), health_now, served = asyncio.run(scenario())
+        (code, reason), health_now, served, after = asyncio.run(scenario())
     assert code == 1013 and f"MAX_SESSIONS={capacity}" in reason
     assert health_now["accepting"] is False and health_now["sessions"] == capacity
     assert served.final["text"]
+    # One speaker is within capacity: the worker kept for finals took no partials.
+    assert after["inference"]["partial_batches_helped"] == 0
 
 
 async def refused(ws) -> tuple[int, str]:
@@ -117,6 +120,8 @@ def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_
         during, (code, reason), finals, after = asyncio.run(scenario())
     assert during["max_partial_lag_s"] == 0.1  # twice the cadence, unless set
     assert during["accepting"] is False and during["partial_lag_s"] > 0.1
+    # Past the calibrated capacity the worker kept for finals takes partial batches too.
+    assert during["inference_workers"] == 1 or during["inference"]["partial_batches_helped"] > 0, during
     assert code == 1013 and "late" in reason
     assert all(run.final["text"] for run in finals)  # the admitted are still served
     assert after["partial_lag_s"] <= 0.1
