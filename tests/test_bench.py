@@ -64,7 +64,7 @@ def test_the_first_word_begins_where_speech_does_not_at_the_padded_vad_chunk():
     [item] = load_manifest(EVAL_DIR / "manifest.jsonl", None, {"en_mfa_style_whispered.wav"})
     audio = np.frombuffer(read_pcm(item.name), dtype="<i2").astype(np.float32) / 32768
     onset = speech_onset(audio)
-    assert 0.8 < onset < 1.1  # about a second of silence first
+    assert 0.6 < onset < 1.0  # most of a second of silence first
     first_word = offline(tiny_model_path(), [item], 2, "int8_float32")["words"][item.name][0]
     # Whisper alone put this word's start 0.4 s before the speech, at 0.53 s.
     assert first_word[1] >= min(onset, first_word[2]) - 1e-6
