@@ -76,9 +76,11 @@ def test_error_rate_pools_words_and_scores_characters_for_chinese():
 
 
 def run_bench(out, report: str, timeout: int, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """``python -m bench --model tiny.en ARGS`` into ``out``; its output and its one JSON report."""
+    """``python -m bench --model tiny.en ARGS`` into ``out``; its output and its one JSON report.
+    The server it starts measures the two-worker layout alone (as tests/conftest.py's servers do)."""
+    layout = [] if "--url" in args else ["--env", "INFERENCE_WORKERS=2"]
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--model", "tiny.en", *args, "--out", str(out)],
+        [sys.executable, "-m", "bench", "--model", "tiny.en", *layout, *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -113,13 +115,13 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     assert "| final latency p50 / p95 |" in result.stdout
 
 
-def test_a_one_minute_soak_samples_the_server_and_judges_it(tmp_path):
-    result, figures = run_bench(tmp_path, "soak-*.json", 600, "--streams", "2", "--soak", "1")
-    samples = figures["samples"]
-    assert len(samples) >= 6 and samples[-1]["t_s"] >= 60
+def test_a_half_minute_soak_samples_the_server_and_judges_it(tmp_path):
+    result, figures = run_bench(tmp_path, "soak-*.json", 600, "--streams", "2", "--soak", "0.5")
+    samples = figures["samples"]  # one every 10 s
+    assert len(samples) >= 3 and samples[-1]["t_s"] >= 30
     assert all(s["rss_mb"] > 50 and s["fds"] > 0 and s["threads"] > 0 and s["asyncio_tasks"] > 0 for s in samples)
     verdict = figures["verdict"]
-    assert verdict["utterances"] >= 4 and verdict["errors"] == 0
+    assert verdict["utterances"] >= 3 and verdict["errors"] == 0
     for key in ("rss_growth", "fds_growth", "threads_growth", "tasks_growth", "final_p95_last_s", "cadence_p95_last_s", "holds"):
         assert key in verdict, key
     assert figures["per_minute"][0]["utterances"] >= 2

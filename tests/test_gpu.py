@@ -21,7 +21,8 @@ THIRD = "en_librispeech_dev-clean_1272-141231-0002.wav"
 
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory):
-    with start_server({"DEVICE": "cuda", "COMPUTE_TYPE": "float16"}, tmp_path_factory.mktemp("gpu")) as running:
+    # INFERENCE_WORKERS unset: calibration picks the layout on the card.
+    with start_server({"DEVICE": "cuda", "COMPUTE_TYPE": "float16", "INFERENCE_WORKERS": ""}, tmp_path_factory.mktemp("gpu")) as running:
         yield running
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -329,7 +330,11 @@ def test_client_that_vanishes_mid_decode_leaves_nothing_behind(server):
 
     after = run(scenario())
     assert wer(manifest()[SHORT]["text"], after.final["text"]) <= WER_BOUND
-    assert health(server)["sessions"] == 0
+    # The close handshake can end on the client a moment before the server's session has let go.
+    deadline = time.monotonic() + 5
+    while (open_now := health(server)["sessions"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_now == 0
     assert "Traceback" not in server.log_text()
 
 
