@@ -143,7 +143,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester, submitted=loop.time())
         if priority == PRIORITY_PARTIAL:
-            self._streaming(since=loop.time() - LOAD_WINDOW_SECONDS)
+            self._streaming()
             self._partial_asked[requester] = loop.time()
         self._queue.append(job)
         self._queued.set()
@@ -183,11 +183,11 @@ class Engine:
         """Whether a speculative decode for ``requester`` would take time nobody else wants: the
         model mostly idle, and no other session streaming (one whole-utterance decode would hold up
         every other speaker's partials, and under load most such runs go unused)."""
-        streaming = self._streaming(since=asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS)
-        return not streaming - {requester} and self.load() <= SPECULATE_MAX_LOAD
+        return not self._streaming() - {requester} and self.load() <= SPECULATE_MAX_LOAD
 
-    def _streaming(self, *, since: float) -> set[object]:
-        """The requesters that asked for a partial since then; the others are forgotten."""
+    def _streaming(self) -> set[object]:
+        """The requesters that asked for a partial in the last LOAD_WINDOW_SECONDS; the others are forgotten."""
+        since = asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS
         for requester, asked in list(self._partial_asked.items()):
             if asked < since:
                 del self._partial_asked[requester]
@@ -213,12 +213,12 @@ class Engine:
     def partial_interval(self, *, speaking: bool) -> float:
         """Seconds between a session's partials now: faster while the speaker speaks and the model
         has time (capacity.partial_interval)."""
-        settings, now = self.settings, asyncio.get_running_loop().time()
+        settings = self.settings
         return partial_interval(
             settings.partial_every_ms,
             settings.fast_partial_every_ms,
             lag=self.partial_lag(),
-            speakers=len(self._streaming(since=now - LOAD_WINDOW_SECONDS)),
+            speakers=len(self._streaming()),
             capacity=self.plan.capacity,
             speaking=speaking,
         )
@@ -233,8 +233,7 @@ class Engine:
 
     def _over_capacity(self) -> bool:
         """More speakers stream now than calibration says the partial workers serve in real time."""
-        now = asyncio.get_running_loop().time()
-        return len(self._streaming(since=now - LOAD_WINDOW_SECONDS)) > self.plan.capacity
+        return len(self._streaming()) > self.plan.capacity
 
     def _forget_busy(self, now: float) -> float:
         """Drop model calls that ended before the load window; the window's start."""
@@ -254,6 +253,7 @@ class Engine:
             gated = loop.time() < self._uploads_resume_at
             # Past the calibrated capacity one worker's partial batches queue behind each other, and
             # the worker kept for finals takes partials too: a final then waits for one batch at most.
+            # It still takes a waiting final first (final_ran only turns the partial workers to partials).
             helping = finals_only and self._over_capacity()
             first = self._take_next(
                 finals_only=finals_only and not helping, final_ran=final_ran and not finals_only, uploads=uploads and not gated
@@ -336,7 +336,7 @@ class Engine:
         finally:
             now = asyncio.get_running_loop().time()
             self.metrics.model_seconds.labels(KINDS[PRIORITY_UPLOAD]).observe(now - start)
-            live = bool(self._streaming(since=now - LOAD_WINDOW_SECONDS))
+            live = bool(self._streaming())
             self._uploads_resume_at = now + upload_pause(now - start, live=live)
 
     def _has_upload_steps(self) -> bool:
