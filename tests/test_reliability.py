@@ -155,8 +155,12 @@ def test_sigterm_mid_utterance_sends_every_final_then_1012_and_exits(tmp_path):
                 websockets.connect(server.ws_url) as waiting,
                 websockets.connect(server.ws_url) as idle,
             ):
-                await stream(talking, read_pcm(SPEECH) + bytes(16000))  # 11.7 s spoken, 0.5 s of silence
+                spoken = read_pcm(SPEECH) + bytes(16000)  # 11.7 s spoken, 0.5 s of silence
+                await stream(talking, spoken)
                 await waiting.send(long)
+                # The 2.7 MB frame must have reached the server before the signal: a session with no
+                # audio yet rightly gets 1012 without a final, and that is not what this tests.
+                await asyncio.to_thread(audio_received, server, (len(spoken) + len(long)) / 32000)
                 signalled = time.monotonic()
                 server.process.send_signal(signal.SIGTERM)
                 ends = [asyncio.create_task(closed(ws)) for ws in (talking, waiting, idle)]
@@ -182,6 +186,14 @@ def test_sigterm_mid_utterance_sends_every_final_then_1012_and_exits(tmp_path):
     assert idle[0] == 1012 and idle[2] == []
     assert exited == -signal.SIGTERM  # uvicorn ends with the signal it handled
     assert took <= drain
+
+
+def audio_received(server, seconds: float) -> None:
+    """Wait until the server has counted ``seconds`` of audio in all (polled)."""
+    deadline = time.monotonic() + 10
+    while metrics(server)["stt_audio_seconds_total"] < seconds - 0.01:
+        assert time.monotonic() < deadline, "the audio never reached the server"
+        time.sleep(0.01)
 
 
 def draining_health(server) -> dict:
