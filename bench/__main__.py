@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, push_to_talk, resolve_model
@@ -31,14 +32,17 @@ from bench.upload import run_upload
 logger = logging.getLogger("bench")
 
 
-def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, spoken: dict) -> list[dict]:
+def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, spoken: dict,
+          measured: Callable[[list[dict]], object]) -> list[dict]:
     """1, 2, 4... real-time streams, each about --sweep-seconds of audio, until latency or cadence
     gives; then halfway between the last that held and the first that gave, down to steps of a
-    quarter of the last that held, so that streams per machine is known to about 25 %."""
+    quarter of the last that held, so that streams per machine is known to about 25 %. ``measured``
+    gets the levels so far after each one."""
     levels: list[dict] = []
     streams = 1
     while streams <= args.max_streams:
         levels.append(level(server, items, args, partial_every, streams, spoken))
+        measured(sorted(levels, key=lambda lv: lv["streams"]))
         if not levels[-1]["holds"]:
             break
         streams *= 2
@@ -47,6 +51,7 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     while held and gave and gave - held > max(1, held // 4):
         middle = (held + gave) // 2
         levels.append(level(server, items, args, partial_every, middle, spoken))
+        measured(sorted(levels, key=lambda lv: lv["streams"]))
         held, gave = (middle, gave) if levels[-1]["holds"] else (held, middle)
     return sorted(levels, key=lambda lv: lv["streams"])
 
@@ -192,35 +197,43 @@ def main() -> None:
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
                "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time}
-        levels = sweep(server, items, args, partial_every, spoken) if args.sweep else []
-        run["peak_rss_mb"] = server.peak_rss / 2**20 if server.process else None
-        server_health = health(server)
-    if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
-        run.update(wer_final=None, wer_last_partial=None)
-    if args.url:
-        server_health.pop("calibration", None)
-    if server_health.get("calibration"):
-        run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
-    if reference:
-        against_offline(run, rows, reference)
-    holding = [level["streams"] for level in levels if level["holds"]]
-    result = {
-        "environment": {**environment(args, model_id, server_health), "url": args.url},
-        "calibration": server_health.get("calibration"),
-        "run": run,
-        "streams_per_machine": max(holding) if holding else (0 if levels else None),
-        "sweep": levels,
-        "files": rows,
-    }
-    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
-    table = markdown(result)
-    (args.out / f"{tag}.md").write_text(table)
+        if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
+            run.update(wer_final=None, wer_last_partial=None)
+        if reference:
+            against_offline(run, rows, reference)
+
+        def save(levels: list[dict], finished: bool) -> dict:
+            """Write the figures so far: after the main run and after each sweep level, so that a run
+            stopped midway (a time limit, a crash) keeps what it measured."""
+            server_health = health(server)
+            if args.url:
+                server_health.pop("calibration", None)
+            if server_health.get("calibration"):
+                run["predicted"] = predicted(server_health["calibration"], rows, args.streams)
+            run["peak_rss_mb"] = server.peak_rss / 2**20 if server.process else None
+            holding = [level["streams"] for level in levels if level["holds"]]
+            result = {
+                "environment": {**environment(args, model_id, server_health), "url": args.url},
+                "calibration": server_health.get("calibration"),
+                "run": run,
+                "streams_per_machine": max(holding) if holding else (0 if levels else None),
+                "sweep": levels,
+                "sweep_finished": finished,
+                "files": rows,
+            }
+            (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
+            (args.out / f"{tag}.md").write_text(markdown(result))
+            return result
+
+        save([], finished=not args.sweep)
+        levels = sweep(server, items, args, partial_every, spoken, lambda so_far: save(so_far, False)) if args.sweep else []
+        result = save(levels, finished=True)
     if levels:
         if importlib.util.find_spec("matplotlib") is None:
             logger.warning("no plot of the sweep: matplotlib is not installed (pip install matplotlib)")
         else:
             plot(levels, args.out / f"{tag}.png", partial_every, args.model)
-    print(table)
+    print(markdown(result))
 
 
 def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:

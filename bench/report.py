@@ -251,8 +251,10 @@ def markdown(result: dict) -> str:
                 f"{_fmt(level.get('word_shown_p50_s'))} | {_fmt(level.get('word_shown_p95_s'))} | "
                 f"{_fmt(level['cpu_per_audio_s'], '', 1, 3)} | {'yes' if level['holds'] else 'no'} |"
             )
-        lines += ["", f"Streams per machine: **{result['streams_per_machine']}** "
-                      "(final p95 <= 2 s and cadence p95 <= 2x PARTIAL_EVERY_MS)"]
+        least = "" if result.get("sweep_finished", True) else "at least "
+        lines += ["", f"Streams per machine: {least}**{result['streams_per_machine']}** "
+                      "(final p95 <= 2 s and cadence p95 <= 2x PARTIAL_EVERY_MS)"
+                      + ("" if not least else "; the sweep stopped before it finished")]
     calibration = result.get("calibration")
     if calibration:
         per_call = run.get("model_seconds_per_call") or {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,6 +115,33 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     [row] = figures["files"]
     assert row["final"] and row["last_partial"] and row["partials"] >= 2 and row["wer_final"] == run["wer_final"]
     assert "| final latency p50 / p95 |" in result.stdout
+
+
+def test_a_sweep_stopped_midway_leaves_the_main_run_and_its_levels_on_disk(tmp_path):
+    # A long run cut short (a machine lent for minutes, a ^C) must keep what it measured: the main
+    # run's figures are written before the sweep starts, and each level as it ends.
+    name = "en_cmu_goforward.wav"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--model", "tiny.en", "--env", "INFERENCE_WORKERS=2", "--files", name,
+         "--no-offline", "--speed", "0", "--sweep", "--max-streams", "2", "--sweep-seconds", "900", "--out", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*.json")) and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert bench.poll() is None, bench.stderr.read()[-3000:]
+        [path] = tmp_path.glob("*.json")
+        figures = json.loads(path.read_text())
+    finally:
+        bench.send_signal(signal.SIGINT)  # its server is stopped on the way out, as after any ^C
+        try:
+            bench.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            bench.kill()
+    assert figures["run"]["files"] == 1 and figures["run"]["final_latency_p50_s"] is not None
+    assert figures["sweep"] == [] and figures["sweep_finished"] is False
+    assert "| final latency p50 / p95 |" in (tmp_path / path.name.replace(".json", ".md")).read_text()
 
 
 def test_a_half_minute_soak_samples_the_server_and_judges_it(tmp_path):
