@@ -205,6 +205,10 @@ class LocalAgreement:
             if index == len(self.tentative) - 1 and not self._newest_is_whole(word):
                 break
             shown.append(word)
+        # Whisper writes a spoken number in digits and re-formats it as more of it is heard ('1 0'
+        # read again as '10,001', '18' as '1802'): a number at the end waits for a word after it.
+        while shown and any(character.isdigit() for character in shown[-1].text):
+            shown.pop()
         return shown
 
     def _newest_is_whole(self, word: Word) -> bool:

@@ -54,6 +54,17 @@ def test_the_newest_word_is_shown_only_when_sure_and_followed_by_audio():
     assert texts(policy.shown_tentative()) == "will"  # not sure of 'ex': held back
 
 
+def test_a_number_at_the_end_of_the_shown_words_waits_for_the_word_after_it():
+    policy = LocalAgreement(window_seconds=6.0)
+    # 'now' ends at 2.4 s, 0.1 s before the audio does: held back, and so are the digits before it.
+    policy.update(words("dial 1 0 0 now", probability=0.97), 2.5)
+    assert texts(policy.shown_tentative()) == "dial"
+    policy.update(words("dial 1 0 0 now", probability=0.97), 3.0, commit=False)
+    assert texts(policy.shown_tentative()) == "dial 1 0 0 now"  # a word after the number: it stands
+    policy.update(words("the year 18", probability=0.97), 2.0, commit=False)
+    assert texts(policy.shown_tentative()) == "the year"  # '18' may yet be '1802'
+
+
 def test_committed_words_are_never_revised_even_when_a_later_decode_disagrees():
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(words("the narrative would be"), 2.0)
