@@ -39,21 +39,23 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     quarter of the last that held, so that streams per machine is known to about 25 %. ``measured``
     gets the levels so far after each one."""
     levels: list[dict] = []
+
+    def holds(streams: int) -> bool:
+        measured_now = level(server, items, args, partial_every, streams, spoken)
+        levels.append(measured_now)
+        levels.sort(key=lambda lv: lv["streams"])
+        measured(levels)
+        return measured_now["holds"]
+
     streams = 1
-    while streams <= args.max_streams:
-        levels.append(level(server, items, args, partial_every, streams, spoken))
-        measured(sorted(levels, key=lambda lv: lv["streams"]))
-        if not levels[-1]["holds"]:
-            break
+    while streams <= args.max_streams and holds(streams):
         streams *= 2
     held = max((lv["streams"] for lv in levels if lv["holds"]), default=0)
     gave = min((lv["streams"] for lv in levels if not lv["holds"]), default=0)
     while held and gave and gave - held > max(1, held // 4):
         middle = (held + gave) // 2
-        levels.append(level(server, items, args, partial_every, middle, spoken))
-        measured(sorted(levels, key=lambda lv: lv["streams"]))
-        held, gave = (middle, gave) if levels[-1]["holds"] else (held, middle)
-    return sorted(levels, key=lambda lv: lv["streams"])
+        held, gave = (middle, gave) if holds(middle) else (held, middle)
+    return levels
 
 
 def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item]]:
@@ -202,9 +204,9 @@ def main() -> None:
         if reference:
             against_offline(run, rows, reference)
 
-        def save(levels: list[dict], finished: bool) -> dict:
+        def save(levels: list[dict], finished: bool) -> str:
             """Write the figures so far: after the main run and after each sweep level, so that a run
-            stopped midway (a time limit, a crash) keeps what it measured."""
+            stopped midway (a time limit, a crash) keeps what it measured. Returns the table."""
             server_health = health(server)
             if args.url:
                 server_health.pop("calibration", None)
@@ -221,19 +223,20 @@ def main() -> None:
                 "sweep_finished": finished,
                 "files": rows,
             }
+            table = markdown(result)
             (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
-            (args.out / f"{tag}.md").write_text(markdown(result))
-            return result
+            (args.out / f"{tag}.md").write_text(table)
+            return table
 
         save([], finished=not args.sweep)
         levels = sweep(server, items, args, partial_every, spoken, lambda so_far: save(so_far, False)) if args.sweep else []
-        result = save(levels, finished=True)
+        table = save(levels, finished=True)
     if levels:
         if importlib.util.find_spec("matplotlib") is None:
             logger.warning("no plot of the sweep: matplotlib is not installed (pip install matplotlib)")
         else:
             plot(levels, args.out / f"{tag}.png", partial_every, args.model)
-    print(markdown(result))
+    print(table)
 
 
 def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:
