@@ -215,7 +215,15 @@ def better(a: Plan, b: Plan) -> Plan:
 
 
 def partial_interval(
-    every_ms: int, fast_ms: int, *, lag: float, speakers: int, capacity: int, speaking: bool = True
+    every_ms: int,
+    fast_ms: int,
+    *,
+    lag: float,
+    speakers: int,
+    capacity: int,
+    speaking: bool = True,
+    first_ms: int = 0,
+    first_words: bool = False,
 ) -> float:
     """Seconds to the next partial: ``every_ms``, or a whole fraction of it near ``fast_ms`` while
     the speaker is ``speaking`` and the model has time for it. Fast partials cost ``every_ms / fast``
@@ -223,9 +231,18 @@ def partial_interval(
     fit the calibrated ``capacity``, and while partials are not late (``lag``, request to text,
     within ``every_ms``). A word then waits less for the decode that shows it; the fast grid holds
     the slow one's points, so fast and slow speakers still meet in one batch. In a pause the text
-    changes little, and the model's time is better spent on the (speculative) final."""
-    slow, fast = every_ms / 1000, fast_ms / 1000
-    if not (speaking and 0 < fast < slow):
+    changes little, and the model's time is better spent on the (speculative) final.
+
+    Until an utterance shows its first words (``first_words``), a faster grid near ``first_ms``
+    comes first under the same rule: Whisper reads the first word only once most of it is heard,
+    and LocalAgreement shows it once two decodes agree, so the sooner the decode after that, the
+    sooner the first text. It lasts a fraction of a second per utterance."""
+    slow = every_ms / 1000
+    if not speaking or lag > slow:
         return slow
-    fast = slow / round(slow / fast)
-    return fast if speakers * slow / fast <= capacity and lag <= slow else slow
+    for ms in (first_ms, fast_ms) if first_words else (fast_ms,):
+        if 0 < ms < every_ms:
+            interval = slow / round(slow / (ms / 1000))
+            if speakers * slow / interval <= capacity:
+                return interval
+    return slow

@@ -210,9 +210,9 @@ class Engine:
         lags = sorted(lag for _, lag, _ in self._lags)
         return lags[int(0.9 * (len(lags) - 1))] if lags else 0.0
 
-    def partial_interval(self, *, speaking: bool) -> float:
+    def partial_interval(self, *, speaking: bool, first_words: bool = False) -> float:
         """Seconds between a session's partials now: faster while the speaker speaks and the model
-        has time (capacity.partial_interval)."""
+        has time, fastest before an utterance's first words show (capacity.partial_interval)."""
         settings = self.settings
         return partial_interval(
             settings.partial_every_ms,
@@ -221,6 +221,8 @@ class Engine:
             speakers=len(self._streaming()),
             capacity=self.plan.capacity,
             speaking=speaking,
+            first_ms=settings.first_partial_every_ms,
+            first_words=first_words,
         )
 
     def forget(self, requester: object) -> None:

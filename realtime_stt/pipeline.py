@@ -139,6 +139,13 @@ class Utterance:
         return self.audio.end / SAMPLE_RATE
 
     @property
+    def awaits_first_words(self) -> bool:
+        """The speaker has begun and nothing is shown yet, in a language already settled (with
+        detection, words wait for enough speech, which no sooner decode brings)."""
+        policy = self.policy
+        return self.speech.heard() and self.language.settled and not policy.committed and not policy.shown_tentative()
+
+    @property
     def window_start(self) -> int:
         return int(self.policy.window_start * SAMPLE_RATE)
 
@@ -268,7 +275,8 @@ class Pipeline:
     def _next_tick(self, now: float, last_tick: float) -> float:
         """The first point of the grid after ``last_tick``, now if that is already past: a session that
         kept the phase of a late start would meet the others' batches no more."""
-        interval = self.engine.partial_interval(speaking=not self._paused(self.utterance))
+        utterance = self.utterance
+        interval = self.engine.partial_interval(speaking=not self._paused(utterance), first_words=utterance.awaits_first_words)
         earliest = (math.floor(last_tick / interval + 1e-9) + 1) * interval
         return max(earliest, math.ceil(now / interval) * interval) if now <= earliest else now
 

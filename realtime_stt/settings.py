@@ -28,6 +28,8 @@ class Settings:
     partial_every_ms: int = 500
     # While the model has time, partials come this often instead (on the same grid; 0: never).
     fast_partial_every_ms: int = 250
+    # Until an utterance shows its first words, partials come this often while the model has time for it.
+    first_partial_every_ms: int = 125
     window_seconds: float = 6.0
     cpu_threads: int = os.cpu_count() or 1
     inference_workers: int | None = None  # None: chosen by calibration
@@ -62,6 +64,9 @@ class Settings:
             partial_every_ms=int(_number(env, "PARTIAL_EVERY_MS", defaults.partial_every_ms, 50, 10_000, int)),
             fast_partial_every_ms=int(
                 _number(env, "FAST_PARTIAL_EVERY_MS", defaults.fast_partial_every_ms, 0, 10_000, int)
+            ),
+            first_partial_every_ms=int(
+                _number(env, "FIRST_PARTIAL_EVERY_MS", defaults.first_partial_every_ms, 0, 10_000, int)
             ),
             window_seconds=_number(env, "WINDOW_SECONDS", defaults.window_seconds, 1.0, 30.0, float),
             cpu_threads=int(_number(env, "CPU_THREADS", defaults.cpu_threads, 1, 256, int)),

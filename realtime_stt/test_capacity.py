@@ -124,3 +124,16 @@ def test_partials_go_fast_on_the_same_grid_while_the_model_has_time():
     assert partial_interval(2000, 250, lag=0.5, speakers=1, capacity=16) == 0.25
     assert partial_interval(500, 0, lag=0.0, speakers=1, capacity=4) == 0.5  # off
     assert partial_interval(500, 700, lag=0.0, speakers=1, capacity=4) == 0.5  # not faster: off
+
+
+def test_before_the_first_words_show_partials_go_faster_still_while_the_model_has_time():
+    first = {"first_ms": 125, "first_words": True}
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, **first) == 0.125  # four times as often
+    assert partial_interval(500, 250, lag=0.1, speakers=2, capacity=4, **first) == 0.25  # four times 2 do not fit
+    assert partial_interval(500, 250, lag=0.1, speakers=3, capacity=4, **first) == 0.5
+    assert partial_interval(500, 250, lag=0.6, speakers=1, capacity=4, **first) == 0.5  # partials run late
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, speaking=False, **first) == 0.5
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, first_ms=125) == 0.25  # words shown
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, first_ms=0, first_words=True) == 0.25  # off
+    assert partial_interval(500, 0, lag=0.1, speakers=1, capacity=4, **first) == 0.125  # without the fast grid
+    assert partial_interval(600, 250, lag=0.1, speakers=1, capacity=8, **first) == 0.12  # a whole fraction: one grid

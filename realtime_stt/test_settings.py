@@ -17,7 +17,9 @@ def test_settings_come_from_the_environment_with_the_seed_defaults():
     assert custom.allowed_origins == ("https://app.example", "localhost")
     assert Settings.from_env({"TRIM_ENCODER_INPUT": "false"}).trim_encoder_input is False
     assert Settings.from_env({"FINAL_MODE": "tail"}).final_mode == "tail"
-    for name, value in [("TRIM_ENCODER_INPUT", "maybe"), ("FINAL_MODE", "best"), ("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0")]:
+    assert (default.fast_partial_every_ms, default.first_partial_every_ms) == (250, 125)
+    assert Settings.from_env({"FIRST_PARTIAL_EVERY_MS": "0"}).first_partial_every_ms == 0
+    for name, value in [("TRIM_ENCODER_INPUT", "maybe"), ("FINAL_MODE", "best"), ("DEVICE", "tpu"), ("PARTIAL_EVERY_MS", "fast"), ("WINDOW_SECONDS", "90"), ("MAX_SESSIONS", "0"), ("FIRST_PARTIAL_EVERY_MS", "-1")]:
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
 

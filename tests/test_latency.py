@@ -1,6 +1,7 @@
 """Words on screen soon after they are spoken: a lone speaker gets partials faster than
-PARTIAL_EVERY_MS while the model has time, and speech after a pause waits for no slow tick (the
-newest-word rule is pinned in realtime_stt/test_policy.py)."""
+PARTIAL_EVERY_MS while the model has time, faster still until an utterance's first words show, and
+speech after a pause waits for no slow tick (the newest-word rule is pinned in
+realtime_stt/test_policy.py)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,32 @@ def test_speech_after_a_pause_is_decoded_on_the_fast_grid_not_at_the_next_slow_t
     waited = asyncio.run(session())
     # Fast: the speech is heard by about 0.5 s, the next fast point and its decode follow.
     assert (waited < SLOW - 0.4) == fast, waited
+
+
+@pytest.fixture(scope="module")
+def first_words_server(tmp_path_factory):
+    # The fast grid off, so that only the first words' grid can make partials come sooner than SLOW.
+    settings = {"PARTIAL_EVERY_MS": str(int(SLOW * 1000)), "FAST_PARTIAL_EVERY_MS": "0", "FIRST_PARTIAL_EVERY_MS": str(int(FAST * 1000))}
+    with start_server(settings, tmp_path_factory.mktemp("first")) as running:
+        yield running
+
+
+def test_until_the_first_words_show_partials_come_on_the_first_words_grid(first_words_server):
+    fast = has_time_for_fast_partials(first_words_server)  # the same ratio: SLOW / FAST
+
+    async def session():
+        async with websockets.connect(first_words_server.ws_url) as ws:
+            return await speak(ws, read_pcm(SPEECH), config={"language": "en"}, realtime=1.0)
+
+    result = asyncio.run(session())
+    partials = [(t, m) for t, m in result.messages if m["type"] == "partial" and t <= result.stop_sent]
+    shown = next(i for i, (_, m) in enumerate(partials) if m["text"])
+    before = [t for t, _ in partials[: shown + 1]]  # up to and with the first text
+    after = [t for t, _ in partials[shown:]]
+    assert len(after) >= 2, after
+    # Once a word shows, the slow grid again; before, the first words' grid, where the model has time.
+    assert statistics.median(b - a for a, b in zip(after, after[1:])) > (SLOW + FAST) / 2
+    if fast:
+        assert len(before) >= 2 and max(b - a for a, b in zip(before, before[1:])) < (SLOW + FAST) / 2, before
+    else:
+        assert all(b - a > (SLOW + FAST) / 2 for a, b in zip(before, before[1:])), before
