@@ -240,7 +240,7 @@ def partial_interval(
     slow = every_ms / 1000
     if not speaking or lag > slow:
         return slow
-    for ms in (first_ms, fast_ms) if first_words else (fast_ms,):
+    for ms in sorted((first_ms, fast_ms) if first_words else (fast_ms,)):  # the fastest that fits
         if 0 < ms < every_ms:
             interval = slow / round(slow / (ms / 1000))
             if speakers * slow / interval <= capacity:

@@ -137,3 +137,4 @@ def test_before_the_first_words_show_partials_go_faster_still_while_the_model_ha
     assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, first_ms=0, first_words=True) == 0.25  # off
     assert partial_interval(500, 0, lag=0.1, speakers=1, capacity=4, **first) == 0.125  # without the fast grid
     assert partial_interval(600, 250, lag=0.1, speakers=1, capacity=8, **first) == 0.12  # a whole fraction: one grid
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, first_ms=400, first_words=True) == 0.25  # never slower
