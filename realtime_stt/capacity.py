@@ -37,7 +37,7 @@ class Costs:
     """Seconds a model call takes on this machine, with the workers it was measured under."""
 
     vad_features: float  # VAD and log-mel features of one window
-    encode_partial: float  # one window at the partial span (15 s), batch 1
+    encode_partial: float  # a 5 s window at the partial span (15 s in all), batch 1
     encode_busy: float  # the busy span (10 s): two windows on CPU, ``batch`` on a GPU
     encode_busy_windows: int  # how many windows encode_busy covers
     encode_final: float  # one 30 s window
