@@ -108,9 +108,10 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     assert figures["environment"]["model"] == "tiny.en"
     assert run["cadence_p50_s"] > 0 and run["first_text_p50_s"] > 0 and run["flicker"] is not None
     assert 0 <= run["coverage"] <= 1 and isinstance(run["wer_last_partial"], float)
-    # Word latency against the offline decode's word times; at a twentieth of real time words are
-    # shown long after they were spoken (in wall seconds).
-    assert 0 < run["words_shown_before_stop"] <= 1 and run["word_shown_p50_s"] > 0 and run["first_words_p50_s"] > 0
+    # Word latency against the offline decode's word times. At a twentieth of real time a partial
+    # can hold a word before the last of it has arrived (in wall seconds): a latency below zero.
+    assert 0 < run["words_shown_before_stop"] <= 1 and isinstance(run["word_shown_p50_s"], float)
+    assert run["first_words_p50_s"] > 0
     assert "| word shown p50 / p95 (committed) |" in result.stdout
     [row] = figures["files"]
     assert row["final"] and row["last_partial"] and row["partials"] >= 2 and row["wer_final"] == run["wer_final"]
