@@ -199,12 +199,14 @@ class Decoder:
         def encode(frames: int, rows: int) -> Any:
             return WhisperModel.encode(model, padded(frames, rows))
 
+        # The encoder inputs of a 5 s window, a typical partial, at each span.
+        partial, busy = PARTIAL_ENCODER.width(500), BUSY_PARTIAL_ENCODER.width(500)
         vad_features = _seconds(lambda: (speech_chunks(window), model.feature_extractor(window)))
-        encode_partial = _seconds(lambda: encode(1500, 1))
+        encode_partial = _seconds(lambda: encode(partial, 1))
         busy_windows = 2 if self.device == "cpu" else batch
-        encode_busy = _seconds(lambda: encode(1000, busy_windows))
+        encode_busy = _seconds(lambda: encode(busy, busy_windows))
         encode_final = _seconds(lambda: encode(N_FRAMES, 1), warm=False) if final else 0.0
-        one, many = encode(1000, 1), encode(1000, batch)
+        one, many = encode(busy, 1), encode(busy, batch)
         tokenizer = self._tokenizer("transcribe", "en")
         prompt = model.get_prompt(tokenizer, list(range(1000, 1016)), without_timestamps=True)
         text = list(range(1000, 1000 + PARTIAL_TOKENS))
