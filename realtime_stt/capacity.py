@@ -214,6 +214,13 @@ def better(a: Plan, b: Plan) -> Plan:
     return few if single_final(few) <= 0.8 * single_final(many) else many
 
 
+def loaded(every_ms: int, *, lag: float, speakers: int, capacity: int) -> bool:
+    """Whether the machine is more than half full: more than half the calibrated ``capacity``
+    streams now, or partials run late (``lag``, request to text, past ``every_ms``). Fast partials
+    then no longer fit, and a partial's cost decides how soon the next one comes."""
+    return lag > every_ms / 1000 or 2 * speakers > capacity
+
+
 def partial_interval(
     every_ms: int,
     fast_ms: int,

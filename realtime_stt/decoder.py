@@ -118,8 +118,9 @@ class EncoderSpan:
 # The padding is what reads well, not the total: on windows of 1-6.5 s of the English files, 10 s
 # of padding gave the same text as 15 s at least (README), and a short window costs less with it.
 PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=1000)
-# A batch of three or more partials means load, where cadence matters more: 10 s and 5 s.
-BUSY_PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=500)
+# A batch of three or more partials means load, where cadence matters more: 8 s and 5 s (a loaded
+# machine keeps its windows near half WINDOW_SECONDS, pipeline.py, so mostly 8 s).
+BUSY_PARTIAL_ENCODER = EncoderSpan(floor=800, margin=500)
 # Features this thread's decode already encoded, and their encoder output: given back, not recomputed.
 _encoded: contextvars.ContextVar[tuple[np.ndarray, Any] | None] = contextvars.ContextVar("encoded", default=None)
 

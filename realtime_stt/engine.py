@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime_stt.capacity import Plan, better, partial_interval, plan
+from realtime_stt.capacity import Plan, better, loaded, partial_interval, plan
 from realtime_stt.decoder import (
     DecodeOptions,
     Decoder,
@@ -224,6 +224,12 @@ class Engine:
             first_ms=settings.first_partial_every_ms,
             first_words=first_words,
         )
+
+    def loaded(self) -> bool:
+        """The machine is more than half full now (capacity.loaded): sessions then keep their
+        partial windows short, so that each partial costs less."""
+        return loaded(self.settings.partial_every_ms, lag=self.partial_lag(), speakers=len(self._streaming()),
+                      capacity=self.plan.capacity)
 
     def forget(self, requester: object) -> None:
         """A session has ended: its partials no longer tell how late the live ones are (a burst that

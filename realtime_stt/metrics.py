@@ -15,6 +15,7 @@ disable_created_metrics()  # no *_created series: a scrape shows what the server
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 MODEL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+WINDOW_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 30.0)  # seconds of audio
 MODEL_KINDS = ("partial", "final", "speculative", "upload")
 REFUSALS = ("auth", "origin", "busy", "overloaded", "loading", "draining")
 ENDINGS = ("client", "idle", "too_long", "slow_reader", "restart", "error")
@@ -45,6 +46,10 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "stt_batch_size", "Decodes per model call, counted as it starts", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.partial_window = Histogram(
+            "stt_partial_window_seconds", "Seconds of audio a partial decode reads: its window, shorter on a loaded machine",
+            buckets=WINDOW_BUCKETS, registry=registry,
         )
         self.largest_batch = Gauge("stt_largest_batch", "Most decodes in one model call so far", registry=registry)
         self.queue_depth = Gauge("stt_queue_depth", "Decodes waiting for a worker", registry=registry)

@@ -300,6 +300,7 @@ class Pipeline:
             await self._publish(self._partial_of(utterance, arrived))
             return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
+        self.engine.metrics.partial_window.observe(audio.size / SAMPLE_RATE)
         transcript = await self.engine.transcribe(
             audio,
             self._window_options(utterance, audio.size / SAMPLE_RATE, final=False),
@@ -318,7 +319,11 @@ class Pipeline:
         # Words are committed only in the settled language, so a guess that is then revised leaves
         # nothing behind; a hypothesis under the guess that is then settled on can agree at once.
         settled = guess.settled and transcript.language == guess.language
-        policy.update(shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE, commit=settled or not transcript.words)
+        # On a machine more than half full, the window slides at half its span: the next partials
+        # read less committed audio again, and their encode and decode cost less.
+        span = self.settings.window_seconds / 2 if self.engine.loaded() else None
+        policy.update(shift(transcript.words, window_start / SAMPLE_RATE), audio_end / SAMPLE_RATE,
+                      commit=settled or not transcript.words, span=span)
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
         await self._publish(self._partial_of(utterance, arrived))

@@ -93,7 +93,8 @@ class LocalAgreement:
     start) and commits the prefix that the previous hypothesis agrees with. Committed words never
     change; the rest of the latest hypothesis is tentative. The window keeps some committed audio
     before the uncommitted part, because Whisper misreads a word cut in half; it slides forward,
-    preferably to a sentence end, once it spans more than ``window_seconds``.
+    preferably to a sentence end, once it spans more than ``window_seconds`` (or the shorter span
+    an update asks for).
     """
 
     SENTENCE_END = (".", "?", "!", "。", "？", "！")
@@ -138,11 +139,13 @@ class LocalAgreement:
         cut = repetition_start(new)
         return new if cut is None else new[:cut]
 
-    def update(self, words: Sequence[Word], audio_end: float, *, commit: bool = True) -> list[Word]:
+    def update(self, words: Sequence[Word], audio_end: float, *, commit: bool = True, span: float | None = None) -> list[Word]:
         """Take the hypothesis for the window ending at ``audio_end``; return the newly committed words.
 
         With ``commit`` false it only becomes the hypothesis the next one is compared with: nothing
-        is committed and the window stays where it is.
+        is committed and the window stays where it is. A ``span`` shorter than ``window_seconds``
+        slides the window once it spans more than that, for cheaper decodes under load; words are
+        still forced in only after half of ``window_seconds`` without agreement.
         """
         hypothesis = self.fresh(words)
         self.audio_end = audio_end
@@ -159,11 +162,12 @@ class LocalAgreement:
         newly = hypothesis[:agreed]
         self.committed.extend(newly)
         self.tentative = hypothesis[agreed:]
-        if audio_end - self.window_start > self.window_seconds:
-            newly += self._slide(audio_end)
+        span = min(self.window_seconds, span or self.window_seconds)
+        if audio_end - self.window_start > span:
+            newly += self._slide(audio_end, span)
         return newly
 
-    def _slide(self, audio_end: float) -> list[Word]:
+    def _slide(self, audio_end: float, span: float) -> list[Word]:
         forced: list[Word] = []
         if audio_end - self.committed_end > self.window_seconds / 2:
             # Two decodes have not agreed for half a window: commit the older tentative words rather
@@ -179,7 +183,7 @@ class LocalAgreement:
         cut = inside[-1]
         for i in reversed(inside):
             if self.committed[i].text.rstrip().endswith(self.SENTENCE_END):
-                if audio_end - self.committed[i].end <= self.window_seconds:
+                if audio_end - self.committed[i].end <= span:
                     cut = i
                 break
         # Cut where the kept word ends rather than midway to the next one: aligned word starts are

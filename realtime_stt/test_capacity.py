@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from realtime_stt.capacity import Costs, better, final_seconds, partial_interval, partial_seconds, plan
+from realtime_stt.capacity import Costs, better, final_seconds, loaded, partial_interval, partial_seconds, plan
 
 # Roughly tiny.en on two slow cores, one thread a worker.
 SMALL = Costs(
@@ -138,3 +138,10 @@ def test_before_the_first_words_show_partials_go_faster_still_while_the_model_ha
     assert partial_interval(500, 0, lag=0.1, speakers=1, capacity=4, **first) == 0.125  # without the fast grid
     assert partial_interval(600, 250, lag=0.1, speakers=1, capacity=8, **first) == 0.12  # a whole fraction: one grid
     assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=4, first_ms=400, first_words=True) == 0.25  # never slower
+
+
+def test_a_machine_is_loaded_past_half_its_capacity_or_with_late_partials():
+    assert not loaded(500, lag=0.2, speakers=2, capacity=4)  # fast partials for both still fit
+    assert loaded(500, lag=0.2, speakers=3, capacity=4)
+    assert loaded(500, lag=0.6, speakers=1, capacity=4)  # late partials: loaded whatever the count
+    assert not loaded(500, lag=0.0, speakers=0, capacity=1)

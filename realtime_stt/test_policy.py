@@ -164,6 +164,27 @@ def test_without_agreement_old_words_are_forced_in_so_the_window_stays_bounded()
     assert policy.committed
 
 
+def test_a_shorter_span_slides_the_window_sooner_but_forces_no_words_sooner():
+    speech = words("I will say nothing. Nor of the circumstances which led me to leave my native country")
+    full, short = LocalAgreement(window_seconds=6.0), LocalAgreement(window_seconds=6.0)
+    widest = {}
+    for end in np.arange(1.0, 9.0, 0.5):
+        heard = [w for w in speech if w.end <= end]
+        for name, policy, span in (("full", full, None), ("short", short, 3.0)):
+            policy.update([w for w in heard if w.start >= policy.window_start - 0.5], float(end), span=span)
+            widest[name] = max(widest.get(name, 0.0), end - policy.window_start)
+    assert widest["full"] > 4.5 and widest["short"] <= 3.0 + 0.5, widest
+    # The same words committed: a shorter window changes what is decoded again, not what is agreed.
+    assert texts(short.committed) == texts(full.committed)
+    # Half of window_seconds without agreement still forces words in, not half of the span.
+    stuck = LocalAgreement(window_seconds=6.0)
+    for i, end in enumerate(np.arange(1.0, 3.5, 0.5)):  # the window passes the span from 2.5 s on
+        stuck.update([Word(t, t + 0.3, f" w{i}_{t}") for t in np.arange(stuck.window_start, end - 0.3, 0.5)], end, span=2.0)
+    assert not stuck.committed
+    stuck.update([Word(t, t + 0.3, f" x{t}") for t in np.arange(0.0, 3.2, 0.5)], 3.5, span=2.0)
+    assert stuck.committed and stuck.committed[-1].end <= 3.5 - 3.0
+
+
 def test_final_is_the_committed_words_plus_what_the_last_decode_adds():
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(words("painful to myself"), 1.5)

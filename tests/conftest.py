@@ -51,6 +51,21 @@ def read_pcm(name: str) -> bytes:
         return wav.readframes(wav.getnframes())
 
 
+def metrics(server) -> dict[str, float]:
+    """Every sample of the server's /metrics, parsed by prometheus-client's own parser:
+    'name{label=value}' -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=5) as response:
+        body = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 def wer(reference: str, hypothesis: str) -> float:
     import jiwer
     from whisper_normalizer.english import EnglishTextNormalizer

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import websockets
-from conftest import read_pcm, speak, start_server, tiny_model_path
+from conftest import metrics, read_pcm, speak, start_server, tiny_model_path
 
 SHORT = "en_librispeech_dev-clean_1272-128104-0000.wav"  # 5.9 s
 SPEECH = "en_librispeech_dev-clean_2412-153948-0000.wav"  # 11.7 s
@@ -97,7 +97,8 @@ async def refused(ws) -> tuple[int, str]:
 
 def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_path):
     """A cadence no CPU keeps (every 50 ms) makes partials late at once: the live lag, not the
-    session count, refuses the next speaker; when the speakers stop, the server accepts again."""
+    session count, refuses the next speaker; when the speakers stop, the server accepts again. So
+    loaded, the sessions keep their partial windows at half WINDOW_SECONDS, for cheaper partials."""
     with start_server({"PARTIAL_EVERY_MS": "50", "MAX_SESSIONS": "16"}, tmp_path) as server:
 
         async def talk():
@@ -118,6 +119,7 @@ def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_
             return during, with_reason, finals, after
 
         during, (code, reason), finals, after = asyncio.run(scenario())
+        windows = metrics(server)
     assert during["max_partial_lag_s"] == 0.1  # twice the cadence, unless set
     assert during["accepting"] is False and during["partial_lag_s"] > 0.1
     # Past the calibrated capacity the worker kept for finals takes partial batches too.
@@ -125,3 +127,7 @@ def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_
     assert code == 1013 and "late" in reason
     assert all(run.final["text"] for run in finals)  # the admitted are still served
     assert after["partial_lag_s"] <= 0.1
+    # Windows slide at 3 s, not 6 s, and are read a decode later at most: none reached 5 s.
+    assert windows["stt_partial_window_seconds_count"] >= 10
+    assert windows["stt_partial_window_seconds_bucket{le=5.0}"] == windows["stt_partial_window_seconds_count"], windows
+

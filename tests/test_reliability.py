@@ -13,8 +13,16 @@ import urllib.request
 import psutil
 import pytest
 import websockets
-from conftest import closed, manifest, read_pcm, speak, start_server, stream, wer
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import (
+    closed,
+    manifest,
+    metrics,
+    read_pcm,
+    speak,
+    start_server,
+    stream,
+    wer,
+)
 
 SPEECH = "en_librispeech_dev-clean_2412-153948-0000.wav"  # 11.7 s
 SHORT = "en_librispeech_dev-clean_1272-128104-0000.wav"  # 5.9 s
@@ -33,18 +41,6 @@ def get(server, path: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-def metrics(server) -> dict[str, float]:
-    """Every sample of /metrics, parsed by prometheus-client's own parser: 'name{label=value}' -> value."""
-    status, body = get(server, "/metrics")
-    assert status == 200
-    samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +110,7 @@ def test_metrics_count_what_the_server_did(idle_server):
     assert grew("stt_model_seconds_count{kind=partial}") >= 1
     assert grew("stt_model_seconds_count{kind=final}") + grew("stt_speculative_finals_total") >= 1
     assert grew("stt_batch_size_count") >= 2 and grew("stt_batch_size_sum") >= grew("stt_batch_size_count")
+    assert 1 <= grew("stt_partial_window_seconds_count") <= grew("stt_batch_size_sum")  # a window a partial decode
     for name in ("stt_sessions_open", "stt_queue_depth", "stt_stale_dropped_total", "stt_decodes_skipped_total",
                  "stt_asyncio_tasks", "stt_refusals_total{reason=auth}", "stt_partials_replaced_total"):
         assert name in after, name
