@@ -216,8 +216,10 @@ def better(a: Plan, b: Plan) -> Plan:
 
 def loaded(every_ms: int, *, lag: float, speakers: int, capacity: int) -> bool:
     """Whether the machine is more than half full: more than half the calibrated ``capacity``
-    streams now, or partials run late (``lag``, request to text, past ``every_ms``). Fast partials
-    then no longer fit, and a partial's cost decides how soon the next one comes."""
+    streams now, or partials run late (``lag``, request to text, past ``every_ms``). A partial's
+    cost then decides how soon the next one comes. With the default cadences this is where
+    ``partial_interval``'s 250 ms grid stops fitting; it does not follow FAST_PARTIAL_EVERY_MS, so
+    that turning fast partials off does not count one speaker as load."""
     return lag > every_ms / 1000 or 2 * speakers > capacity
 
 
