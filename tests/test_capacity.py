@@ -130,4 +130,3 @@ def test_when_partials_run_late_new_sockets_are_refused_until_they_catch_up(tmp_
     # Windows slide at 3 s, not 6 s, and are read a decode later at most: none reached 5 s.
     assert windows["stt_partial_window_seconds_count"] >= 10
     assert windows["stt_partial_window_seconds_bucket{le=5.0}"] == windows["stt_partial_window_seconds_count"], windows
-
