@@ -180,16 +180,20 @@ class LocalAgreement:
         if not inside:
             self.window_start = max(self.window_start, audio_end - self.window_seconds / 2)
             return forced
-        cut = inside[-1]
+        # Cut after a sentence end, where a pause keeps the next word whole. Elsewhere the next word
+        # often starts where the last committed one ends (aligned ends are often late), and a cut
+        # there clips its onset ('las arenas son' read as 'para en las'): that committed word stays
+        # in the window, read again and dropped by `fresh`, and the cut is at the end of the one
+        # before it. Never midway to the next word: aligned starts are often late too, and a
+        # window that clips an onset can make Whisper skip the whole sentence after it.
+        cut = inside[-1] - 1
         for i in reversed(inside):
             if self.committed[i].text.rstrip().endswith(self.SENTENCE_END):
                 if audio_end - self.committed[i].end <= span:
                     cut = i
                 break
-        # Cut where the kept word ends rather than midway to the next one: aligned word starts are
-        # often late, and a window that clips the next word's onset can make Whisper skip the
-        # whole sentence after it.
-        self.window_start = max(self.window_start, self.committed[cut].end)
+        if cut >= 0:
+            self.window_start = max(self.window_start, self.committed[cut].end)
         return forced
 
     # Shown tentative words stop before the first doubtful or cut-off one: showing every tentative

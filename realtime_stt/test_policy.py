@@ -185,6 +185,26 @@ def test_a_shorter_span_slides_the_window_sooner_but_forces_no_words_sooner():
     assert stuck.committed and stuck.committed[-1].end <= 3.5 - 3.0
 
 
+def test_a_slide_away_from_a_sentence_end_keeps_the_last_committed_word_whole_in_the_window():
+    # Words that touch (no pause between them, as aligned words often do): a cut at the last
+    # committed word's end would clip the onset of the word after it.
+    spaced = words("las arenas son blanquecinas de grano medio y tiene muy poca", step=0.4)
+    speech = [Word(w.start, w.start + 0.4, w.text, w.probability) for w in spaced]
+    policy = LocalAgreement(window_seconds=6.0)
+    slid = []
+    for end in np.arange(1.0, 4.6, 0.5):
+        heard = [w for w in speech if w.end <= end and w.start >= policy.window_start - 0.05]
+        before = policy.window_start
+        policy.update(heard, float(end), span=2.0)
+        if policy.window_start > before:
+            slid.append(policy.window_start)
+            # The last committed word is read again whole; the word after it is not cut.
+            assert policy.window_start <= policy.committed[-1].start, (policy.window_start, texts(policy.committed))
+    assert slid, "the window never slid"
+    # Read again, it is not committed twice.
+    assert texts(policy.committed) == " ".join(w.text.strip() for w in speech[: len(policy.committed)])
+
+
 def test_final_is_the_committed_words_plus_what_the_last_decode_adds():
     policy = LocalAgreement(window_seconds=6.0)
     policy.update(words("painful to myself"), 1.5)
