@@ -20,11 +20,14 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
                  read-on after a skipped stretch.
 - ``engine``     the one shared model's queue and inference workers: finals before partials before
                  speculation before uploads, partials of all sessions batched, stale jobs dropped
-                 unrun; at start-up it calibrates the model on this machine.
-- ``capacity``   pure: from the measured cost of each model call to the working values (workers,
-                 batch size, cadence) and the number of real-time speakers this machine serves.
+                 unrun; every call's time goes to the live costs, which give the live capacity.
+- ``calibration`` start-up: loads the model, times a few calls (the prior costs) and chooses the
+                 working values (workers, batch size, cadence).
+- ``capacity``   pure: from the costs of model calls (the prior, scaled by the live calls) to the
+                 number of real-time speakers this machine serves, and the partial cadence.
 - ``decoder``    the model and its decodes, run in worker threads; every faster-whisper internal
                  the server calls is here (pinned in requirements.txt).
+- ``audio_file`` an uploaded file read with PyAV as faster-whisper reads one, counted as it goes.
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a
                  detected language is settled, guards against loops and re-read words.
 - ``vad``        Silero speech activity, scored as the audio arrives.

@@ -114,7 +114,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--admission", action="store_true",
-        help="instead of one pass: twice the server's calibrated capacity of real-time streams at once, with its own admission",
+        help="instead of one pass: --streams real-time streams at once (twice the server's capacity with --streams 1), "
+             "with its own admission",
     )
     parser.add_argument(
         "--upload-minutes", type=float, metavar="MINUTES",
@@ -170,7 +171,7 @@ def main() -> None:
     # Sweeps and runs measure latency, not admission: every client is let in, unless --env says not.
     env = {"CPU_THREADS": str(args.threads), "COMPUTE_TYPE": args.compute_type, "DEVICE": args.device}
     if not args.admission:
-        env.update(MAX_SESSIONS="256", MAX_PARTIAL_LAG_SECONDS="0")
+        env.update(ADMISSION="fixed", MAX_SESSIONS="256", MAX_PARTIAL_LAG_SECONDS="0")
     env.update(pair.split("=", 1) for pair in args.env)
     tag = f"{Path(args.model).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.soak:
@@ -217,6 +218,7 @@ def main() -> None:
             result = {
                 "environment": {**environment(args, model_id, server_health), "url": args.url},
                 "calibration": server_health.get("calibration"),
+                "capacity": server_health.get("capacity"),
                 "run": run,
                 "streams_per_machine": max(holding) if holding else (0 if levels else None),
                 "sweep": levels,
@@ -249,12 +251,13 @@ def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: di
 
 
 def run_admission(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:
-    """Twice the calibrated capacity at once: the admitted must hold the bounds, the rest get 1013."""
+    """--streams clients at once (twice the capacity, with --streams 1): the admitted must hold the
+    bounds, the rest get 1013."""
     tag = f"admission-{tag}"
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
         before = health(server)
         capacity, partial_every = before["max_sessions"], before["partial_every_ms"] / 1000
-        streams = 2 * capacity
+        streams = args.streams if args.streams > 1 else 2 * capacity
         plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
         utterances, _, _ = measure(server, plans, 1.0, f"{streams} streams, capacity {capacity}", args.auto_language)
         server_health = health(server)
@@ -272,6 +275,7 @@ def run_admission(args: argparse.Namespace, model_id: str, items: list[Item], en
         "admitted_hold": holds,
         "admitted": figures,
         "calibration": before.get("calibration"),
+        "capacity_after": server_health.get("capacity"),
     }
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
     table = "\n".join([

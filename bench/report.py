@@ -76,16 +76,17 @@ def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None
 
 
 def predicted(calibration: dict, rows: list[dict], streams: int) -> dict:
-    """What start-up calibration predicts for this run: one speaker's partial cadence p95, and the
-    final latency p50 over these files' durations (model time alone, nothing queued)."""
-    from realtime_stt.capacity import Costs, final_seconds, predicted_p95
+    """What start-up calibration predicts for this run: a round of the streams' partials (the
+    cadence, when longer than PARTIAL_EVERY_MS), and the final latency p50 over these files'
+    durations (model time alone, nothing queued)."""
+    from realtime_stt.capacity import Costs, round_seconds
 
     costs = Costs(**calibration["measured"])
-    cadence, _ = predicted_p95(costs, streams, workers=calibration["workers"], max_batch=calibration["max_batch"],
-                               cadence=calibration["partial_every_ms"] / 1000,
-                               busy_span_always=calibration["partial_span_seconds"] == 10)
-    finals = [final_seconds(costs, r["duration_s"]) for r in rows if "error" not in r]
-    return {"cadence_p95_s": cadence, "final_latency_p50_s": percentile(finals, 50)}
+    rounds = round_seconds(costs, streams, max_batch=calibration["max_batch"],
+                           partial_workers=max(1, calibration["workers"] - 1))
+    finals = [costs.final(r["duration_s"]) for r in rows if "error" not in r]
+    return {"cadence_p95_s": max(calibration["partial_every_ms"] / 1000, rounds),
+            "final_latency_p50_s": percentile(finals, 50)}
 
 
 def final_time(u: Utterance) -> float:
@@ -267,6 +268,10 @@ def markdown(result: dict) -> str:
             lines += [f"Against the calibration's prediction for this run: cadence p95 {_fmt(run['cadence_p95_s'], ' s')} "
                       f"(predicted {_fmt(expected['cadence_p95_s'], ' s')}), final p50 {_fmt(run['final_latency_p50_s'], ' s')} "
                       f"(predicted {_fmt(expected['final_latency_p50_s'], ' s')})"]
+        live = result.get("capacity") or {}
+        if live:
+            lines += [f"Capacity: {calibration['capacity']} at start-up (the prior), {live.get('live')} live at the end "
+                      f"(scale of the prior's costs: {live.get('scale')})"]
         if result["sweep"] and result["streams_per_machine"]:
             ratio = calibration["capacity"] / result["streams_per_machine"]
             lines += [f"Calibrated capacity {calibration['capacity']} against {result['streams_per_machine']} measured: "

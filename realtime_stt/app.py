@@ -59,17 +59,42 @@ class Service:
         self.metrics.sessions_open.set_function(lambda: len(self.sessions))
 
     def refusal(self) -> tuple[str, str] | None:
-        """Why a new socket cannot be served now (metric label, close reason), if it cannot."""
+        """Why a new session cannot be served now (metric label, close reason), if it cannot.
+
+        A new speaker is admitted while the speakers now (sessions with an utterance under way or
+        yet to begin: one whose final went out counts again only with its next audio) are fewer than
+        the engine's live capacity; MAX_SESSIONS, where set, caps them too (ADMISSION=fixed: it
+        alone; an idle socket costs nothing, and IDLE_TIMEOUT_SECONDS closes it). Partials that
+        run late for a sustained while (their median lag past the bound) refuse too: the rest of the
+        server, not only the model, may be what is short."""
         if self.draining.is_set():
             return "draining", "server restarting; try again in a moment"
         if self.engine is None:
             return "loading", "model is still loading; try again shortly"
-        if len(self.sessions) >= self.settings.max_sessions:
-            return "busy", f"server busy: MAX_SESSIONS={self.settings.max_sessions} reached; try again later"
-        lag, bound = self.engine.partial_lag(), self.lag_bound
+        settings = self.settings
+        fixed = settings.admission == "fixed"
+        speakers = self.speakers()
+        if (fixed or "MAX_SESSIONS" in settings.explicit) and speakers >= settings.max_sessions:
+            return "busy", f"server busy: MAX_SESSIONS={settings.max_sessions} reached; try again later"
+        capacity = self.engine.capacity()
+        if not fixed and speakers >= capacity:
+            return "busy", (f"server busy: {speakers} speaker(s) now, and this machine serves about {capacity} "
+                            "in real time; try again later")
+        lag, bound = self.engine.partial_lag(0.5), self.lag_bound
         if bound and lag > bound:
             return "overloaded", f"server busy: partials are {lag:.1f} s late (bound {bound:g} s); try again later"
         return None
+
+    def speakers(self) -> int:
+        """Sessions that count against the capacity: all but those whose last utterance is done."""
+        return sum(1 for session in self.sessions if session.pipeline.active)
+
+    def max_sessions(self) -> int:
+        """MAX_SESSIONS where set or admission is fixed, else the live capacity."""
+        settings = self.settings
+        if "MAX_SESSIONS" in settings.explicit or settings.admission == "fixed" or self.engine is None:
+            return settings.max_sessions
+        return self.engine.capacity()
 
     @property
     def lag_bound(self) -> float:
@@ -206,13 +231,24 @@ async def _health(request: Request) -> JSONResponse:
         "languages": list(engine.languages),
         "can_translate": engine.can_translate,
         "sessions": len(service.sessions),
-        "max_sessions": settings.max_sessions,
+        "max_sessions": service.max_sessions(),
         "inference_workers": engine.workers,
         "partial_every_ms": settings.partial_every_ms,
         "inference": service.metrics.inference(),
         "partial_lag_s": round(engine.partial_lag(), 3),
         "max_partial_lag_s": service.lag_bound,
         "calibration": {**engine.plan.as_dict(), "summary": engine.plan.describe(settings.model_id, engine.device)},
+        "capacity": {
+            "prior": engine.plan.capacity,
+            "live": engine.capacity(),
+            "speakers": service.speakers(),
+            "streaming": engine.streaming(),
+            "cost_per_speaker": engine.cost_per_speaker(),
+            "partial_alone_s": round(engine.live.costs().partial(1), 3),
+            "scale": dict(zip(("partials", "finals"), (round(x, 3) for x in engine.live.scale()))),
+            "calls_seen": engine.live.seen,
+            "refusing": refusal[1] if (refusal := service.refusal()) else None,
+        },
     }
     # ?ready=1 is for probes that read only the status (Kubernetes readiness, a load balancer's
     # check): 503 whenever a new socket would be refused. Without it the codes stay as they were.

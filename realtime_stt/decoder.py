@@ -12,31 +12,22 @@ decodes it, one 30 s window at a time.
 from __future__ import annotations
 
 import contextvars
-import gc
 import os
 import re
-import statistics
-import time
 
 # oneDNN keeps a compiled primitive for every matrix shape it meets, up to 1024 of them; encoder
 # inputs change shape with every window, so the cache grew the server's memory for minutes and gave
 # no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import av
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
-from faster_whisper.audio import (
-    _group_frames,
-    _ignore_invalid_frames,
-    _resample_frames,
-    pad_or_trim,
-)
+from faster_whisper.audio import pad_or_trim
 from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import (
     get_suppressed_tokens,
@@ -50,7 +41,6 @@ from faster_whisper.vad import (
 )
 from threadpoolctl import threadpool_limits
 
-from realtime_stt.capacity import PARTIAL_TOKENS, Costs
 from realtime_stt.settings import SAMPLE_RATE, Settings
 from realtime_stt.vad import VAD_OPTIONS
 from realtime_stt.words import Word, join_words
@@ -67,14 +57,6 @@ PROMPT_BUCKETS = (0, 8, 16, 32, 48)  # prompt lengths a batch is cut to
 
 class ModelLoadError(RuntimeError):
     """The model named by MODEL_ID could not be loaded."""
-
-
-class NotAudio(ValueError):
-    """A file that holds no audio PyAV can decode; the message says what was wrong."""
-
-
-class AudioTooLong(ValueError):
-    """A file whose audio runs longer than the limit it was read with."""
 
 
 @dataclass(frozen=True)
@@ -183,53 +165,6 @@ class Decoder:
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
-
-    def measure(self, batch: int, *, final: bool = True) -> Costs:
-        """Time the calls a partial and a final make, on noise (their cost does not depend on what
-        is said): each a few times, after one untimed call that pays for lazy initialisation. Generation
-        is forced to PARTIAL_TOKENS tokens by suppressing the end of text. Without ``final`` the
-        30 s encode is left out (0): it is the costliest call, and a layout compared on its
-        partials alone need not pay it."""
-        model = self.model
-        window = np.random.default_rng(0).normal(0.0, 0.05, 6 * SAMPLE_RATE).astype(np.float32)
-        features = model.feature_extractor(window)[:, :-1]
-
-        def padded(frames: int, rows: int) -> np.ndarray:
-            return np.repeat(np.pad(features, ((0, 0), (0, frames - features.shape[1])))[None], rows, axis=0)
-
-        def encode(frames: int, rows: int) -> Any:
-            return WhisperModel.encode(model, padded(frames, rows))
-
-        # The encoder inputs of a 5 s window, a typical partial, at each span.
-        partial, busy = PARTIAL_ENCODER.width(500), BUSY_PARTIAL_ENCODER.width(500)
-        vad_features = _seconds(lambda: (speech_chunks(window), model.feature_extractor(window)))
-        encode_partial = _seconds(lambda: encode(partial, 1))
-        busy_windows = 2 if self.device == "cpu" else batch
-        encode_busy = _seconds(lambda: encode(busy, busy_windows))
-        encode_final = _seconds(lambda: encode(N_FRAMES, 1), warm=False) if final else 0.0
-        one, many = encode(busy, 1), encode(busy, batch)
-        tokenizer = self._tokenizer("transcribe", "en")
-        prompt = model.get_prompt(tokenizer, list(range(1000, 1016)), without_timestamps=True)
-        text = list(range(1000, 1000 + PARTIAL_TOKENS))
-
-        def generate(encoded: Any, rows: int) -> Any:
-            return model.model.generate(
-                encoded, [prompt] * rows, beam_size=1, max_length=len(prompt) + PARTIAL_TOKENS,
-                suppress_tokens=[-1, tokenizer.eot], return_scores=True, return_no_speech_prob=True,
-            )
-
-        return Costs(
-            vad_features=vad_features,
-            encode_partial=encode_partial,
-            encode_busy=encode_busy,
-            encode_busy_windows=busy_windows,
-            encode_final=encode_final,
-            generate_1=_seconds(lambda: generate(one, 1)),
-            generate_batch=_seconds(lambda: generate(many, batch)),
-            align_1=_seconds(lambda: model.find_alignment(tokenizer, [text], one, [500])),
-            align_batch=_seconds(lambda: model.find_alignment(tokenizer, [text] * batch, many, [500] * batch)),
-            batch=batch,
-        )
 
     def decode(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
         if options.offline and audio.size <= WINDOW_SAMPLES:
@@ -478,20 +413,6 @@ class _Voiced:
     language: str | None  # None: detect it on this window
 
 
-def _seconds(call: Callable[[], Any], *, warm: bool = True, most: int = 3, budget: float = 0.5) -> float:
-    """Wall time of a call, after an untimed one when ``warm``: the median of up to ``most`` runs,
-    as many as fit in ``budget`` seconds (at least one). One run alone swung the choice of worker
-    layout from one start to the next; calls that take longer vary less."""
-    if warm:
-        call()
-    times: list[float] = []
-    while not times or (len(times) < most and sum(times) < budget):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tuple[Word, ...]:
     """Aligned words, their times mapped from the speech alone back to the audio it was cut from."""
     merge_punctuations(alignment, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
@@ -524,36 +445,6 @@ def speech_chunks(audio: np.ndarray) -> list[dict]:
     """Where the speech is in some audio, as offline faster-whisper's VAD filter finds it (sample
     ranges): a session's window, a final, or an uploaded file."""
     return get_speech_timestamps(audio, VAD_OPTIONS) if audio.size else []
-
-
-def read_audio(source: BinaryIO, most_seconds: float) -> np.ndarray:
-    """A file's first audio stream as float32 16 kHz mono: decoded and resampled by PyAV with
-    faster-whisper's own steps (its ``decode_audio``), but counted as it goes, so that a small
-    compressed file holding hours of audio is refused (AudioTooLong) before it fills the memory.
-    NotAudio for a file with no audio PyAV can decode."""
-    limit = int(most_seconds * SAMPLE_RATE)
-    pieces: list[np.ndarray] = []
-    samples = 0
-    resampler = av.audio.resampler.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-    try:
-        with av.open(source, mode="r", metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise NotAudio(f"the file holds no audio stream (it reads as {container.format.name})")
-            frames = _resample_frames(_group_frames(_ignore_invalid_frames(container.decode(audio=0)), 500_000), resampler)
-            for frame in frames:
-                piece = frame.to_ndarray().reshape(-1)
-                samples += piece.size
-                if samples > limit:
-                    raise AudioTooLong(f"the audio runs longer than {most_seconds:g} s")
-                pieces.append(piece)
-    except av.error.FFmpegError as exc:
-        raise NotAudio(f"the file could not be decoded as audio ({exc.strerror or type(exc).__name__})") from exc
-    finally:
-        # As decode_audio does: some of the resampler's objects are freed only by a collection.
-        del resampler
-        gc.collect()
-    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
-    return audio.astype(np.float32) / 32768.0
 
 
 def device_of(settings: Settings) -> str:

@@ -19,15 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from realtime_stt.capacity import Plan, better, loaded, partial_interval, plan
-from realtime_stt.decoder import (
-    DecodeOptions,
-    Decoder,
-    Segment,
-    Transcript,
-    device_of,
-    speech_chunks,
-)
+from realtime_stt.calibration import Plan, calibrate, working_settings
+from realtime_stt.capacity import LiveCosts, capacity, loaded, partial_interval
+from realtime_stt.decoder import DecodeOptions, Segment, Transcript, speech_chunks
 from realtime_stt.metrics import Metrics
 from realtime_stt.settings import SAMPLE_RATE, Settings
 
@@ -88,6 +82,7 @@ class Engine:
         if the model cannot be loaded. ``settings`` then holds the working values."""
         self.decoder, self.plan = calibrate(settings)
         self.settings = settings = working_settings(settings, self.plan)
+        self.live = LiveCosts(self.plan.costs)  # the prior, scaled by the calls run for the speakers
         self.metrics = metrics
         self.device, self.workers = self.decoder.device, self.decoder.workers
         self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
@@ -201,14 +196,15 @@ class Engine:
         busy += sum(now - max(start, since) for start in self._running.values())
         return busy / (LOAD_WINDOW_SECONDS * self.workers)
 
-    def partial_lag(self) -> float:
-        """How late partials are now: the 90th percentile of the time partials of the last few
-        seconds took from their request to their text (0 with none)."""
+    def partial_lag(self, quantile: float = 0.9) -> float:
+        """How late partials are now: a quantile (the 90th percentile unless asked) of the time the
+        partials of the last few seconds took from their request to their text (0 with none). The
+        median is the sustained lag: a final or a burst that holds up one round moves it little."""
         since = asyncio.get_running_loop().time() - LAG_WINDOW_SECONDS
         while self._lags and self._lags[0][0] < since:
             self._lags.popleft()
         lags = sorted(lag for _, lag, _ in self._lags)
-        return lags[int(0.9 * (len(lags) - 1))] if lags else 0.0
+        return lags[int(quantile * (len(lags) - 1))] if lags else 0.0
 
     def partial_interval(self, *, speaking: bool, first_words: bool = False) -> float:
         """Seconds between a session's partials now: faster while the speaker speaks and the model
@@ -219,17 +215,18 @@ class Engine:
             settings.fast_partial_every_ms,
             lag=self.partial_lag(),
             speakers=len(self._streaming()),
-            capacity=self.plan.capacity,
+            capacity=self.capacity(),
             speaking=speaking,
             first_ms=settings.first_partial_every_ms,
             first_words=first_words,
+            alone_seconds=self.live.costs().partial(1),
         )
 
     def loaded(self) -> bool:
         """The machine is more than half full now (capacity.loaded): sessions then keep their
         partial windows short, so that each partial costs less."""
         return loaded(self.settings.partial_every_ms, lag=self.partial_lag(), speakers=len(self._streaming()),
-                      capacity=self.plan.capacity)
+                      capacity=self.capacity())
 
     def forget(self, requester: object) -> None:
         """A session has ended: its partials no longer tell how late the live ones are (a burst that
@@ -239,9 +236,27 @@ class Engine:
         self._lags.clear()
         self._lags.extend(kept)
 
+    def capacity(self) -> int:
+        """Real-time speakers the workers serve within the bounds, by the live costs (capacity.py)."""
+        settings = self.settings
+        return capacity(self.live.costs(), self.live.finals_share(), workers=self.workers,
+                        max_batch=settings.max_batch, cadence=settings.partial_every_ms / 1000)
+
+    def cost_per_speaker(self) -> dict[str, float]:
+        """What one real-time speaker costs the workers now, in model seconds per second: a share of
+        a round of partials at the current load (at least one speaker's), and its finals."""
+        costs, speakers = self.live.costs(), max(1, len(self._streaming()))
+        batch = min(speakers, self.settings.max_batch)
+        partials = costs.partial(batch) / batch / (self.settings.partial_every_ms / 1000)
+        return {"partials": round(partials, 4), "finals": round(self.live.finals_share(), 4)}
+
+    def streaming(self) -> int:
+        """Sessions that asked for a partial in the last few seconds."""
+        return len(self._streaming())
+
     def _over_capacity(self) -> bool:
-        """More speakers stream now than calibration says the partial workers serve in real time."""
-        return len(self._streaming()) > self.plan.capacity
+        """More speakers stream now than the partial workers serve in real time."""
+        return len(self._streaming()) > self.capacity()
 
     def _forget_busy(self, now: float) -> float:
         """Drop model calls that ended before the load window; the window's start."""
@@ -321,6 +336,11 @@ class Engine:
                     job.future.set_result(result)
                 if job.priority == PRIORITY_PARTIAL:
                     self._lags.append((loop.time(), loop.time() - job.submitted, job.requester))
+            seconds = loop.time() - start
+            if batch[0].priority == PRIORITY_PARTIAL:
+                self.live.partial_ran(len(batch), seconds)
+            else:  # a final, or one decoded ahead of the stop: the same call
+                self.live.final_ran(batch[0].audio.size / SAMPLE_RATE, seconds)
         finally:
             del self._running[token]
             self._busy.append((start, loop.time()))
@@ -405,66 +425,3 @@ def _batch_key(options: DecodeOptions) -> tuple[Any, ...]:
 def _batchable(job: Job) -> bool:
     """Partials batch; finals (long audio, temperature fallback) run alone."""
     return job.priority == PRIORITY_PARTIAL
-
-
-PROBE_BATCH = {"cpu": 8, "cuda": 32}  # the batch calibration measures at, unless MAX_BATCH is set
-
-
-def calibrate(settings: Settings) -> tuple[Decoder, Plan]:
-    """Load the model, time what it will run on this machine, and choose the working values.
-
-    On a CPU with two or more threads, and INFERENCE_WORKERS not set, two workers with half the
-    threads each and one with every thread are both measured (decoder steps gain little from
-    threads, encoders much), and the layout that serves more speakers is kept. Each layout is
-    timed with no other model loaded: a model just used keeps its threads spinning for a while,
-    which made the next layout measure slower at random. The 30 s encode, the costliest call, is
-    measured once; the other layout's is scaled by its partial encode.
-    """
-    device = device_of(settings)
-    explicit = settings.explicit
-    if settings.inference_workers:
-        layouts = [settings.inference_workers]
-    elif device == "cpu" and settings.cpu_threads >= 2:
-        layouts = [2, 1]
-    else:
-        layouts = [1]
-    batch = settings.max_batch if "MAX_BATCH" in explicit else PROBE_BATCH.get(device, 8)
-    chosen: Plan | None = None
-    decoder: Decoder | None = None
-    for workers in layouts:
-        decoder = None  # the previous layout's model is freed before this one loads
-        gc.collect()
-        decoder = Decoder(settings, workers)
-        costs = decoder.measure(batch, final=chosen is None)
-        if chosen is not None:
-            first = chosen.costs
-            costs = replace(costs, encode_final=first.encode_final * costs.encode_partial / first.encode_partial)
-        candidate = plan(
-            costs,
-            workers=decoder.workers,
-            partial_every_ms=settings.partial_every_ms,
-            cadence_given="PARTIAL_EVERY_MS" in explicit,
-            max_batch=settings.max_batch if "MAX_BATCH" in explicit else None,
-        )
-        if chosen is None or better(candidate, chosen) is candidate:
-            chosen = candidate
-    assert chosen is not None and decoder is not None
-    if decoder.workers != chosen.workers:  # an earlier layout won: load it again
-        decoder = None
-        gc.collect()
-        decoder = Decoder(settings, chosen.workers)
-    decoder.busy_span_always = chosen.busy_span_always
-    return decoder, chosen
-
-
-def working_settings(settings: Settings, chosen: Plan) -> Settings:
-    """The settings the server runs with: calibration's values where the environment set none."""
-    explicit = settings.explicit
-    return replace(
-        settings,
-        inference_workers=chosen.workers,
-        max_batch=chosen.max_batch,
-        partial_every_ms=chosen.partial_every_ms,
-        max_sessions=settings.max_sessions if "MAX_SESSIONS" in explicit else chosen.capacity,
-    )
-

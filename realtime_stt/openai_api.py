@@ -32,13 +32,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from realtime_stt.decoder import (
-    AudioTooLong,
-    DecodeOptions,
-    NotAudio,
-    Segment,
-    read_audio,
-)
+from realtime_stt.audio_file import AudioTooLong, NotAudio, read_audio
+from realtime_stt.decoder import DecodeOptions, Segment
 from realtime_stt.engine import Engine, FileDecode
 from realtime_stt.metrics import Metrics
 from realtime_stt.pipeline import OptionsError, check_can_translate, language_choice

@@ -188,6 +188,7 @@ class Pipeline:
         self._odd_byte = b""
         self._finalizing = False
         self._closed = False
+        self._finished = False  # a final went out, and no audio came since
         self._audio_arrived = asyncio.Event()
         self._audio_to_score = asyncio.Event()
         self._speech_began = asyncio.Event()  # the speaker spoke after a pause (or for the first time)
@@ -212,9 +213,17 @@ class Pipeline:
             raise UtteranceTooLong
         self.utterance.audio.append(samples)
         self.utterance.arrived = time.monotonic()
+        self._finished = False
         self.engine.metrics.audio_seconds.inc(samples.size / SAMPLE_RATE)
         self._audio_arrived.set()
         self._audio_to_score.set()
+
+    @property
+    def active(self) -> bool:
+        """Whether this speaker counts against the capacity: from the start until a final, and again
+        from the next utterance's audio. A push-to-talk client that opens a socket for each
+        utterance is thus counted once, not twice while its last socket is closing."""
+        return not self._finished
 
     @property
     def has_audio(self) -> bool:
@@ -419,7 +428,9 @@ class Pipeline:
         utterance = self.utterance
         try:
             text, language = await self._final_text(utterance)
-            return Final(text, language, round(utterance.seconds, 3))
+            final = Final(text, language, round(utterance.seconds, 3))
+            self._finished = True
+            return final
         finally:
             self.utterance = self._new_utterance()
             self._odd_byte = b""

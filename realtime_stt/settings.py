@@ -33,7 +33,10 @@ class Settings:
     window_seconds: float = 6.0
     cpu_threads: int = os.cpu_count() or 1
     inference_workers: int | None = None  # None: chosen by calibration
-    max_sessions: int = 16  # unless set, the calibrated capacity takes its place
+    max_sessions: int = 16  # with ADMISSION=live a ceiling only where set; with fixed, the limit
+    # live: speakers are admitted by the capacity the live work shows (MAX_SESSIONS, where set, caps
+    # it); fixed: by MAX_SESSIONS alone (and late partials), as for a benchmark's sweep.
+    admission: str = "live"
     max_utterance_seconds: float = 600.0
     final_mode: str = "full"
     trim_encoder_input: bool = True
@@ -74,6 +77,7 @@ class Settings:
                 int(_number(env, "INFERENCE_WORKERS", 1, 1, 64, int)) if env.get("INFERENCE_WORKERS", "").strip() else None
             ),
             max_sessions=int(_number(env, "MAX_SESSIONS", defaults.max_sessions, 1, 10_000, int)),
+            admission=_choice(env, "ADMISSION", defaults.admission, ("live", "fixed")),
             max_utterance_seconds=_number(
                 env, "MAX_UTTERANCE_SECONDS", defaults.max_utterance_seconds, 1.0, 7200.0, float
             ),

@@ -1,117 +1,87 @@
-"""From measured costs to working values, with plain numbers: the shapes of the rules, not the
-machine."""
+"""The capacity rule, pure: costs in, speakers served out; the live scale; the partial cadence."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import pytest
 
-from realtime_stt.capacity import Costs, better, final_seconds, loaded, partial_interval, partial_seconds, plan
-
-# Roughly tiny.en on two slow cores, one thread a worker.
-SMALL = Costs(
-    vad_features=0.004, encode_partial=0.03, encode_busy=0.04, encode_busy_windows=2, encode_final=0.2,
-    generate_1=0.08, generate_batch=0.17, align_1=0.01, align_batch=0.03, batch=8,
-)
-# Roughly base on the same cores, one worker with both threads.
-BASE = Costs(
-    vad_features=0.013, encode_partial=0.12, encode_busy=0.14, encode_busy_windows=2, encode_final=0.46,
-    generate_1=0.21, generate_batch=0.56, align_1=0.03, align_batch=0.18, batch=8,
-)
-# Roughly large-v3-turbo on the same two cores, two threads.
-BIG = Costs(
-    vad_features=0.004, encode_partial=1.2, encode_busy=1.6, encode_busy_windows=2, encode_final=4.8,
-    generate_1=0.33, generate_batch=1.1, align_1=0.05, align_batch=0.2, batch=8,
+from realtime_stt.capacity import (
+    LADDER,
+    LIVE_AFTER,
+    Costs,
+    LiveCosts,
+    capacity,
+    loaded,
+    on_ladder,
+    partial_interval,
+    prior_finals_share,
 )
 
-
-def choose(costs: Costs, **given):
-    return plan(costs, workers=given.get("workers", 2), partial_every_ms=given.get("every", 500),
-                cadence_given=given.get("cadence_given", False), max_batch=given.get("max_batch"))
-
-
-def test_a_cheap_model_serves_many_at_the_asked_cadence():
-    chosen = choose(SMALL)
-    assert chosen.within_bounds and chosen.partial_every_ms == 500 and not chosen.busy_span_always
-    assert chosen.max_batch == 8  # every measured batch fits the cadence
-    assert chosen.capacity >= 8
-    # More speakers than one batch take more batches a tick: capacity is where they no longer fit.
-    assert choose(SMALL, max_batch=1).capacity < chosen.capacity
+# Costs measured at start-up on this machine class (2 cores), two workers of one thread each.
+TINY = Costs(partial_fixed=0.086, partial_row=0.091, final_fixed=0.206, final_per_second=0.016)
+BASE = Costs(partial_fixed=0.20, partial_row=0.25, final_fixed=0.62, final_per_second=0.05)
+TURBO = Costs(partial_fixed=0.0, partial_row=1.97, final_fixed=4.22, final_per_second=0.08)
 
 
-def test_a_costly_model_slows_its_cadence_and_says_it_is_out_of_bounds():
-    chosen = choose(BIG, workers=1)
-    assert chosen.busy_span_always  # the 15 s span cannot keep up even for one speaker
-    assert chosen.partial_every_ms > 1000 and chosen.partial_every_ms % 100 == 0
-    assert chosen.capacity == 1 and not chosen.within_bounds  # a 4.8 s encode: no final within 2 s
-    assert "use a smaller model" in chosen.describe("large-v3-turbo", "cpu")
-    assert chosen.final_seconds > 4.8
+def served(costs: Costs, *, workers: int = 2, max_batch: int = 8, cadence: float = 0.5) -> int:
+    return capacity(costs, prior_finals_share(costs), workers=workers, max_batch=max_batch, cadence=cadence)
 
 
-def test_what_the_user_set_wins():
-    chosen = choose(BIG, workers=1, every=500, cadence_given=True, max_batch=3)
-    assert chosen.partial_every_ms == 500 and chosen.max_batch == 3
+def test_the_ladder_rounds_down_and_each_step_is_a_third_or_more_above_the_last():
+    assert [on_ladder(x) for x in (0, 1, 1.9, 2, 5.9, 6, 7.99, 8, 11, 13)] == [1, 1, 1, 2, 4, 6, 6, 8, 8, 12]
+    assert all(high / low >= 4 / 3 for low, high in zip(LADDER, LADDER[1:]))
 
 
-def test_costs_grow_with_the_batch_and_the_utterance():
-    assert partial_seconds(SMALL, 1) < partial_seconds(SMALL, 2) < partial_seconds(SMALL, 8)
-    assert partial_seconds(SMALL, 8) < 8 * partial_seconds(SMALL, 1)  # batching pays
-    assert final_seconds(SMALL, 5) < final_seconds(SMALL, 20) < final_seconds(SMALL, 40)
-    assert final_seconds(SMALL, 40) >= 2 * SMALL.encode_final  # two 30 s windows
+def test_a_cheaper_model_serves_more_speakers_and_a_costly_one_serves_one():
+    assert served(TINY) > served(BASE) >= 1
+    assert served(TURBO, workers=1) == 1
 
 
-def test_the_layout_that_serves_more_speakers_wins():
-    two = choose(SMALL, workers=2)
-    one = choose(replace(SMALL, encode_busy=0.08, generate_batch=0.34), workers=1)
-    assert two.capacity > one.capacity and better(two, one) is two and better(one, two) is two
-    # A tie in speakers goes to the layout with a finals worker, unless one worker's finals are
-    # clearly faster.
-    alone, paired = choose(BASE, workers=1), choose(BASE, workers=2)
-    assert alone.capacity == paired.capacity and better(alone, paired) is paired is better(paired, alone)
-    sooner = choose(replace(BASE, encode_partial=0.3, encode_busy=0.6, encode_final=0.05, generate_1=0.08, generate_batch=1.5), workers=1)
-    assert sooner.capacity == paired.capacity and better(paired, sooner) is sooner
-    slow = choose(BIG, workers=2)
-    fast = choose(replace(BIG, encode_partial=0.6, encode_busy=0.8, encode_final=2.4), workers=1)
-    assert better(slow, fast) is fast
+@pytest.mark.parametrize("costs", [TINY, BASE, Costs(0.01, 0.004, 0.02, 0.001), Costs(0.3, 0.05, 1.0, 0.02)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_costs_thirty_percent_off_move_the_capacity_one_step_at_most(costs, workers):
+    steps = {step: index for index, step in enumerate(LADDER)}
+    middle = served(costs, workers=workers)
+    for factor in (1.3, 1 / 1.3):
+        noisy = served(costs.scaled(factor, factor), workers=workers)
+        assert abs(steps[noisy] - steps[middle]) <= 1, (factor, middle, noisy)
 
 
-def test_one_worker_serves_a_speaker_whose_partials_fit_the_cadence():
-    """Base on two slow cores, one worker: a 0.37 s partial every 0.5 s and a 0.8 s final serve one
-    speaker; the worker being busy most of the time is no reason to call that out of bounds."""
-    chosen = choose(BASE, workers=1)
-    assert chosen.within_bounds and chosen.capacity >= 1 and chosen.partial_every_ms == 500
+def test_more_speakers_finals_or_slower_partials_lower_the_capacity():
+    share = prior_finals_share(TINY)
+    base = capacity(TINY, share, workers=2, max_batch=8, cadence=0.5)
+    assert capacity(TINY, 4 * share, workers=2, max_batch=8, cadence=0.5) < base  # longer finals, or more of them
+    assert capacity(TINY.scaled(2.0, 1.0), share, workers=2, max_batch=8, cadence=0.5) < base
+    assert capacity(TINY, share, workers=2, max_batch=8, cadence=1.0) > base  # a slower cadence holds more
 
 
-def test_with_one_worker_the_others_finals_hold_up_partials_and_a_second_worker_frees_them():
-    from realtime_stt.capacity import predicted_p95
-
-    def p95(workers, speakers):
-        return predicted_p95(SMALL, speakers, workers=workers, max_batch=8, cadence=0.5, busy_span_always=False)
-
-    # Alone, a speaker's own final never delays its partials or waits for another's.
-    assert p95(1, 1)[0] == p95(2, 1)[0] == 0.5
-    assert p95(1, 1)[1] == final_seconds(SMALL, 25) + partial_seconds(SMALL, 1)
-    # Several: on one worker a round of partials waits behind someone's final; on two it does not.
-    assert p95(1, 4)[0] >= final_seconds(SMALL, 10) + partial_seconds(SMALL, 4) > p95(2, 4)[0]
-    assert p95(2, 4)[1] < p95(1, 4)[1]
+def test_with_one_worker_the_finals_take_time_from_the_partials():
+    share = prior_finals_share(TINY)
+    one = capacity(TINY, share, workers=1, max_batch=8, cadence=0.5)
+    assert one <= capacity(TINY, share, workers=2, max_batch=8, cadence=0.5)
 
 
-def test_a_start_up_on_a_busier_moment_does_not_fall_to_one_speaker():
-    # tiny.en as a server on this machine measured it (2026-11-27), then 20 % slower: the two-worker
-    # layout's predicted final p95 is flat from two speakers on, so the final's bound decided
-    # between 4 speakers and 1.
-    measured = Costs(
-        vad_features=0.0131, encode_partial=0.1059, encode_busy=0.1331, encode_busy_windows=2, encode_final=0.4331,
-        generate_1=0.1085, generate_batch=0.243, align_1=0.0185, align_batch=0.1727, batch=8,
-    )
-    slower = Costs(**{k: v * 1.2 if isinstance(v, float) else v for k, v in measured.__dict__.items()})
-    assert choose(measured).capacity == 4
-    assert choose(slower).capacity == 4
-    # base as the same machine measured it: 1 speaker held, 2 had a final p95 of 2.16 s. Still 1.
-    base = Costs(
-        vad_features=0.0123, encode_partial=0.2081, encode_busy=0.2456, encode_busy_windows=2, encode_final=0.8044,
-        generate_1=0.1921, generate_batch=0.514, align_1=0.0332, align_batch=0.2433, batch=8,
-    )
-    assert choose(base).capacity == 1
+def test_live_costs_keep_the_prior_until_enough_calls_then_follow_them():
+    live = LiveCosts(TINY)
+    for _ in range(LIVE_AFTER - 1):
+        live.partial_ran(4, 2 * TINY.partial(4))
+        live.final_ran(10.0, 3 * TINY.final(10.0))
+    assert live.scale() == (1.0, 1.0) and live.costs() == TINY
+    live.partial_ran(4, 2 * TINY.partial(4))
+    live.final_ran(10.0, 3 * TINY.final(10.0))
+    assert live.scale() == pytest.approx((2.0, 3.0))
+    assert live.finals_share() == pytest.approx(3 * TINY.final(10.0) / 10.0)
+    assert live.seen == {"partial_batches": LIVE_AFTER, "finals": LIVE_AFTER}
+
+
+def test_a_spike_moves_the_live_scale_little_and_a_sustained_change_moves_it():
+    live = LiveCosts(TINY)
+    for _ in range(3 * LIVE_AFTER):
+        live.partial_ran(2, TINY.partial(2))
+    live.partial_ran(2, 20 * TINY.partial(2))  # one call held up by something else
+    assert live.scale()[0] == pytest.approx(1.0)
+    for _ in range(64):
+        live.partial_ran(2, 1.5 * TINY.partial(2))
+    assert live.scale()[0] == pytest.approx(1.5)
 
 
 def test_partials_go_fast_on_the_same_grid_while_the_model_has_time():
@@ -145,3 +115,13 @@ def test_a_machine_is_loaded_past_half_its_capacity_or_with_late_partials():
     assert loaded(500, lag=0.2, speakers=3, capacity=4)
     assert loaded(500, lag=0.6, speakers=1, capacity=4)  # late partials: loaded whatever the count
     assert not loaded(500, lag=0.0, speakers=0, capacity=1)
+
+
+def test_a_lone_speaker_gets_the_fast_grids_whenever_one_partial_fits_them():
+    # Whatever the capacity says, a speaker alone is served as fast as one partial allows.
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.1) == 0.25
+    first = {"first_ms": 125, "first_words": True}
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.1, **first) == 0.125
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.2, **first) == 0.25
+    assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.3) == 0.5  # too slow
+    assert partial_interval(500, 250, lag=0.1, speakers=2, capacity=1, alone_seconds=0.01) == 0.5  # not alone

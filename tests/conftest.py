@@ -100,10 +100,11 @@ def start_server(
     log_dir = log_dir or ARTIFACTS
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"server-{port}.log"
-    # The suite starts some twenty servers: each measures the two-worker layout alone, not both
-    # (3.6 s less a start here, where two is what calibration picks); the shared `server` lets
-    # calibration choose, and tests/test_capacity.py checks the choice on it.
-    full_env = {**os.environ, "MODEL_ID": tiny_model_path(), "CPU_THREADS": "2", "INFERENCE_WORKERS": "2", **(env or {})}
+    # Admission by MAX_SESSIONS (16) alone unless a test asks for the live one: a test that needs N
+    # sessions must not depend on how a start on a busy machine happened to calibrate
+    # (tests/test_capacity.py tests live admission, with calibration's own layout).
+    full_env = {**os.environ, "MODEL_ID": tiny_model_path(), "CPU_THREADS": "2", "INFERENCE_WORKERS": "2",
+                "ADMISSION": "fixed", **(env or {})}
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],

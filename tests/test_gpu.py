@@ -22,7 +22,7 @@ THIRD = "en_librispeech_dev-clean_1272-141231-0002.wav"
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory):
     # INFERENCE_WORKERS unset: calibration picks the layout on the card.
-    with start_server({"DEVICE": "cuda", "COMPUTE_TYPE": "float16", "INFERENCE_WORKERS": ""}, tmp_path_factory.mktemp("gpu")) as running:
+    with start_server({"DEVICE": "cuda", "COMPUTE_TYPE": "float16", "INFERENCE_WORKERS": "", "ADMISSION": "live"}, tmp_path_factory.mktemp("gpu")) as running:
         yield running
 
 
@@ -36,7 +36,7 @@ def test_calibration_on_the_gpu_uses_one_worker_and_batches(gpu_server):
     assert body["device"] == "cuda" and body["inference_workers"] == 1
     calibration = body["calibration"]
     assert calibration["within_bounds"] and calibration["capacity"] >= 8
-    assert body["max_sessions"] == calibration["capacity"] and body["accepting"]
+    assert body["max_sessions"] == body["capacity"]["live"] and body["accepting"]
 
 
 def test_realtime_speech_and_several_clients_on_the_gpu(gpu_server):
