@@ -118,6 +118,10 @@ def parse_args() -> argparse.Namespace:
              "with its own admission",
     )
     parser.add_argument(
+        "--starts", type=int, metavar="N",
+        help="instead of one pass: start the server N times and report each start-up's time and prior capacity",
+    )
+    parser.add_argument(
         "--upload-minutes", type=float, metavar="MINUTES",
         help="instead of one pass: --streams real-time streams alone, then beside uploads of MINUTES of speech (bench/upload.py)",
     )
@@ -179,6 +183,9 @@ def main() -> None:
         return
     if args.admission:
         run_admission(args, model_id, items, env, tag)
+        return
+    if args.starts:
+        run_starts(args, model_id, env, tag)
         return
     if args.upload_minutes:
         run_upload(args, model_id, items, plans_for(push_to_talk(items), args.streams, args.live_seconds), env, tag)
@@ -286,6 +293,38 @@ def run_admission(args: argparse.Namespace, model_id: str, items: list[Item], en
         f"| admitted: cadence p50 / p95 | {figures['cadence_p50_s'] or 0:.2f} s / {figures['cadence_p95_s'] or 0:.2f} s |",
         f"| admitted: errors / dropped | {figures['errors']} / {figures['dropped']} |",
         f"| admitted hold the bounds | {'yes' if holds else 'no'} |",
+    ]) + "\n"
+    (args.out / f"{tag}.md").write_text(table)
+    print(table)
+
+
+def run_starts(args: argparse.Namespace, model_id: str, env: dict[str, str], tag: str) -> None:
+    """Start the server --starts times: how long each takes to its first accepted connection (to
+    /health's 200, polled every 0.2 s), and the prior capacity its timing gave."""
+    import statistics
+
+    tag = f"starts-{tag}"
+    starts = []
+    for index in range(args.starts):
+        began = time.monotonic()
+        with serve(model_id, {**env, "ADMISSION": "live"}, args.out / f"{tag}-server.log") as server:
+            ready = time.monotonic() - began
+            calibration = health(server)["calibration"]
+        starts.append({"start_up_s": round(ready, 2), "capacity": calibration["capacity"],
+                       "timing_s": calibration["seconds"], "workers": calibration["workers"],
+                       "max_batch": calibration["max_batch"], "measured": calibration["measured"]})
+        logger.info("start %d: %.1f s, about %d speakers", index + 1, ready, calibration["capacity"])
+    capacities = [s["capacity"] for s in starts]
+    median = statistics.median_low(capacities)
+    result = {"environment": environment(args, model_id, {}), "starts": starts, "capacity_median": median,
+              "start_up_s_max": max(s["start_up_s"] for s in starts)}
+    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    table = "\n".join([
+        f"### Start-ups: {args.model}, {args.starts} fresh starts", "",
+        "| start | start-up to first accepted connection | prior capacity | timing |", "|---|---|---|---|",
+        *(f"| {i + 1} | {s['start_up_s']:.1f} s | {s['capacity']} | {s['timing_s']:.1f} s |" for i, s in enumerate(starts)),
+        "", f"Prior capacity: median {median}, range {min(capacities)}-{max(capacities)}; "
+            f"start-up at most {result['start_up_s_max']:.1f} s",
     ]) + "\n"
     (args.out / f"{tag}.md").write_text(table)
     print(table)

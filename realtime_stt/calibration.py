@@ -9,7 +9,6 @@ same calls (the encoder's cost grows with its input's width, the decoder's with 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -125,7 +124,7 @@ def working_settings(settings: Settings, chosen: Plan) -> Settings:
 
 def measure(decoder: Decoder, batch: int) -> Costs:
     """Time what a partial batch of one window and of ``batch`` windows costs, on noise, each the
-    median of a few calls after one untimed call (lazy initialisation). Generation is forced to
+    least of a few runs. Generation is forced to
     PARTIAL_TOKENS tokens by suppressing the end of text. A final is one encode of Whisper's 30 s
     window (the partial encode, scaled by its width) and a generate and alignment as long as its
     speech: TOKENS_PER_SECOND tokens a second."""
@@ -149,7 +148,8 @@ def measure(decoder: Decoder, batch: int) -> Costs:
             suppress_tokens=[-1, tokenizer.eot], return_scores=True, return_no_speech_prob=True,
         )
 
-    one = encode(1)
+    one = encode(1)  # the first encode and generate pay for lazy initialisation: not timed
+    generate(one, 1)
     # The generate and alignment of a full batch read a batch of encoder outputs: on CPU the one
     # window's, repeated (encoding a batch there would time what the encode above already did).
     many = ctranslate2.StorageView.from_array(np.repeat(np.asarray(one), batch, axis=0)) if pairs else encode(batch)
@@ -171,13 +171,13 @@ def measure(decoder: Decoder, batch: int) -> Costs:
     )
 
 
-def _seconds(call: Callable[[], Any], *, most: int = 3, budget: float = 0.3) -> float:
-    """Wall time of a call after an untimed one: the median of up to ``most`` runs, as many as fit
-    in ``budget`` seconds (at least one)."""
-    call()
+def _seconds(call: Callable[[], Any], *, most: int = 3, budget: float = 0.25) -> float:
+    """Wall time of a call: the least of up to ``most`` runs, as many as fit in ``budget`` seconds
+    (at least one). The least, as what else runs on the machine only ever adds to a call's time:
+    the live costs then scale it to the machine as it is."""
     times: list[float] = []
     while not times or (len(times) < most and sum(times) < budget):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
