@@ -1,12 +1,12 @@
 """Home Assistant's Assist over the Wyoming protocol: a thin adapter over the utterance pipeline.
 
 Wyoming runs over TCP: a JSON header line per event ``{"type", "data"?, "data_length"?,
-"payload_length"?}``, then that many bytes of JSON merged into ``data`` and of payload. In: ``describe`` (answered with ``info``), ``transcribe``
-{``language``?, ``name``?}, ``audio-start`` {``rate``, ``width``, ``channels``}, ``audio-chunk``s and
-``audio-stop``. Out, per utterance: ``transcript-start`` once the language is settled, a
-``transcript-chunk`` with each newly committed stretch of words while the audio still arrives,
-then ``transcript`` {``text``, ``language``} with the final and ``transcript-stop``. Utterances
-follow one another on one connection.
+"payload_length"?}``, then that many bytes of JSON merged into ``data`` and of payload. In:
+``describe`` (answered with ``info``), ``transcribe`` {``language``?, ``name``?}, ``audio-start``
+{``rate``, ``width``, ``channels``}, ``audio-chunk``s, ``audio-stop``. Out, per utterance:
+``transcript-start`` once the language is settled, a ``transcript-chunk`` with each newly committed
+stretch of words while the audio still arrives, then ``transcript`` {``text``, ``language``} with
+the final and ``transcript-stop``. Utterances follow one another on one connection.
 
 The header is read here, not by the ``wyoming`` package (whose reader takes any length): every
 buffer is bounded, and bad input gets an ``error`` event and a close. Outgoing events are built
@@ -64,7 +64,6 @@ class Host(Protocol):
     draining: asyncio.Event
 
     def refusal(self) -> tuple[str, str] | None: ...
-
     def serving(self, session: object) -> contextlib.AbstractContextManager[Any]: ...
 
 
@@ -154,9 +153,7 @@ class Converter:
 
 
 def _length(header: Mapping[str, Any], name: str, most: int) -> int:
-    value = header.get(name)
-    if value is None:
-        return 0
+    value = header.get(name) or 0  # absent or null: none
     if type(value) is not int or value < 0:
         raise BadInput("bad_event", f"'{name}' must be a non-negative integer")
     if value > most:
@@ -216,12 +213,12 @@ def info(settings: Settings, engine: Engine) -> Event:
     """The answer to ``describe``: one speech-to-text program with the loaded model."""
     runtime = version("faster-whisper")
     model = AsrModel(
-        name=settings.model_id, attribution=Attribution(name="OpenAI Whisper", url="https://github.com/openai/whisper"),
+        name=settings.model_id, attribution=Attribution("OpenAI Whisper", "https://github.com/openai/whisper"),
         installed=True, version=runtime, languages=list(engine.languages),
         description=f"Whisper {settings.model_id} on faster-whisper {runtime} ({engine.device})",
     )
     program = AsrProgram(
-        name=PROGRAM, attribution=Attribution(name="SYSTRAN faster-whisper", url="https://github.com/SYSTRAN/faster-whisper"),
+        name=PROGRAM, attribution=Attribution("SYSTRAN faster-whisper", "https://github.com/SYSTRAN/faster-whisper"),
         installed=True, version=runtime, description="Realtime speech-to-text: committed words stream while you speak",
         models=[model], supports_transcript_streaming=True,
     )
@@ -390,9 +387,8 @@ class WyomingSession:
         elif kind == "audio-chunk":
             audio = AudioFormat.of(data)
             pipeline = await self._admitted()
-            pcm = b""
+            pcm = b""  # chunks may come without an audio-start, or change format: each names its own
             if self._converter is None or self._converter.format != audio:
-                # Chunks may come without an audio-start, or change format: each carries its own.
                 pcm = b"" if self._converter is None else self._converter.convert(b"", last=True)
                 self._converter = Converter(audio)
             self._under_way = True
@@ -474,10 +470,14 @@ class WyomingServer:
     async def start(cls, host: Host) -> WyomingServer:
         """Listen on WYOMING_HOST:WYOMING_PORT; OSError where the address cannot be bound."""
         server, settings = cls(host), host.settings
-        server._server = await asyncio.start_server(server._connected, settings.wyoming_host, settings.wyoming_port,
-                                                    limit=MAX_HEADER_BYTES)
-        logger.info("Wyoming (Home Assistant) on tcp://%s:%d; it has no API key: bind it to a trusted network",
-                    settings.wyoming_host, settings.wyoming_port)
+        where = f"{settings.wyoming_host}:{settings.wyoming_port}"
+        try:
+            server._server = await asyncio.start_server(server._connected, settings.wyoming_host,
+                                                        settings.wyoming_port, limit=MAX_HEADER_BYTES)
+        except OSError as exc:  # the port taken, an address not of this machine: say which setting
+            why = f"Wyoming cannot listen on {where} (WYOMING_HOST, WYOMING_PORT): {exc.strerror}"
+            raise OSError(exc.errno, why) from exc
+        logger.info("Wyoming (Home Assistant) on tcp://%s; it has no API key: keep it on a trusted network", where)
         return server
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
