@@ -51,7 +51,7 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    sessions: set[object] = field(default_factory=set)  # WebSocketSession, WyomingSession
+    sessions: set[Any] = field(default_factory=set)  # WebSocketSession, WyomingSession: each has a .pipeline
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -104,7 +104,7 @@ class Service:
         return 2 * self.settings.partial_every_ms / 1000 if given is None else given
 
     @contextlib.contextmanager
-    def serving(self, session: object):
+    def serving(self, session: Any):
         self.sessions.add(session)
         self.no_sessions.clear()
         try:

@@ -64,7 +64,7 @@ class Host(Protocol):
     draining: asyncio.Event
 
     def refusal(self) -> tuple[str, str] | None: ...
-    def serving(self, session: object) -> contextlib.AbstractContextManager[Any]: ...
+    def serving(self, session: Any) -> contextlib.AbstractContextManager[Any]: ...
 
 
 class BadInput(Exception):
@@ -407,8 +407,9 @@ class WyomingSession:
         if (refused := self.host.refusal()) is not None:
             self.host.metrics.refusals.labels(refused[0]).inc()
             await self._close(refused[0], refused[1], "refused")
-        self._admission.enter_context(self.host.serving(self))
+        # The pipeline first: the app counts a session by its pipeline (Service.speakers).
         self.pipeline = Pipeline(self.engine, self.settings, publish=self._publish_partial)
+        self._admission.enter_context(self.host.serving(self))
         assert self._tasks is not None
         self._tasks.create_task(self.pipeline.run())
         return self.pipeline
