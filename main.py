@@ -15,6 +15,10 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
 - ``openai_api`` the OpenAI-compatible ``/v1/audio/transcriptions``, ``/v1/audio/translations`` and
                  ``/v1/models``: a thin adapter that reads a posted file and has the engine decode it
                  as offline faster-whisper does, one 30 s window per job below every live job.
+- ``wyoming_server``  Home Assistant's Assist over the Wyoming protocol (TCP, ``WYOMING_PORT``):
+                 a thin adapter that converts any PCM format to the pipeline's, feeds it, and sends
+                 newly committed words as transcript chunks, then the final; bounded, with the
+                 same admission and drain as ``/ws``.
 - ``pipeline``   one speaker's utterances, with no knowledge of sockets or JSON: the audio buffer,
                  partials on a shared clock grid, the speculative final, the final and its
                  read-on after a skipped stretch.

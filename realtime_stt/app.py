@@ -1,6 +1,6 @@
 """The app: the model loaded once in the lifespan, /health, /metrics, the page at /, /ws and the
-OpenAI-compatible /v1 routes behind the API key and the allowed origins; on SIGTERM or SIGINT, a
-drain that sends every final before uvicorn shuts down."""
+OpenAI-compatible /v1 routes behind the API key and the allowed origins, the Wyoming server where
+WYOMING_PORT is set; on SIGTERM or SIGINT, a drain that sends every final before uvicorn shuts down."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from realtime_stt.protocol import (
     close_reason,
 )
 from realtime_stt.settings import Settings, SettingsError
+from realtime_stt.wyoming_server import WyomingServer
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    sessions: set[WebSocketSession] = field(default_factory=set)
+    sessions: set[Any] = field(default_factory=set)  # WebSocketSession, WyomingSession: each has a .pipeline
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -103,7 +104,7 @@ class Service:
         return 2 * self.settings.partial_every_ms / 1000 if given is None else given
 
     @contextlib.contextmanager
-    def serving(self, session: WebSocketSession):
+    def serving(self, session: Any):
         self.sessions.add(session)
         self.no_sessions.clear()
         try:
@@ -159,10 +160,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 time.monotonic() - began, len(engine.languages))
     logger.info("%s", engine.plan.describe(settings.model_id, engine.device))
     restore = _drain_on_signals(service)
+    wyoming: WyomingServer | None = None
     try:
+        if service.settings.wyoming_port is not None:
+            wyoming = await WyomingServer.start(service)
         yield
     finally:
         restore()
+        if wyoming is not None:
+            await wyoming.close()
         service.engine = None
         await engine.close()
 

@@ -18,7 +18,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 WINDOW_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 30.0)  # seconds of audio
 MODEL_KINDS = ("partial", "final", "speculative", "upload")
 REFUSALS = ("auth", "origin", "busy", "overloaded", "loading", "draining")
-ENDINGS = ("client", "idle", "too_long", "slow_reader", "restart", "error")
+ENDINGS = ("client", "idle", "too_long", "slow_reader", "restart", "error", "bad_input")  # bad_input: Wyoming only
 # How uploads (the OpenAI-compatible API) ended: answered, or refused with the status it got.
 UPLOAD_RESULTS = ("ok", "bad_request", "auth", "too_large", "busy", "unavailable", "client_gone", "error")
 

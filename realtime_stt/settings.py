@@ -53,6 +53,10 @@ class Settings:
     max_upload_mb: float = 25.0
     max_upload_seconds: float = 3600.0
     max_uploads: int = 4
+    # Home Assistant's Wyoming protocol on TCP (None: off); it has no API key, so it listens on
+    # loopback unless WYOMING_HOST says otherwise.
+    wyoming_port: int | None = None
+    wyoming_host: str = "127.0.0.1"
     # The variables the environment set: those win over what calibration would choose.
     explicit: frozenset[str] = frozenset()
 
@@ -101,6 +105,10 @@ class Settings:
             max_upload_mb=_number(env, "MAX_UPLOAD_MB", defaults.max_upload_mb, 0.001, 100_000.0, float),
             max_upload_seconds=_number(env, "MAX_UPLOAD_SECONDS", defaults.max_upload_seconds, 1.0, 86_400.0, float),
             max_uploads=int(_number(env, "MAX_UPLOADS", defaults.max_uploads, 1, 10_000, int)),
+            wyoming_port=(
+                int(_number(env, "WYOMING_PORT", 0, 1, 65_535, int)) if env.get("WYOMING_PORT", "").strip() else None
+            ),
+            wyoming_host=env.get("WYOMING_HOST", "").strip() or defaults.wyoming_host,
             explicit=frozenset(name for name in CALIBRATED if env.get(name, "").strip()),
         )
 

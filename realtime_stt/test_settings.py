@@ -49,3 +49,13 @@ def test_upload_settings():
             Settings.from_env({name: value})
     assert Settings(api_key="k").key_given("Bearer k") and not Settings(api_key="k").key_given("Bearer x")
     assert Settings(api_key="k").key_given(None, "k") and Settings().key_given(None)
+
+
+def test_wyoming_settings():
+    default = Settings.from_env({})
+    assert (default.wyoming_port, default.wyoming_host) == (None, "127.0.0.1")  # off
+    custom = Settings.from_env({"WYOMING_PORT": "10300", "WYOMING_HOST": "0.0.0.0"})
+    assert (custom.wyoming_port, custom.wyoming_host) == (10300, "0.0.0.0")
+    for value in ("0", "70000", "ten"):
+        with pytest.raises(SettingsError, match="WYOMING_PORT"):
+            Settings.from_env({"WYOMING_PORT": value})
