@@ -34,7 +34,11 @@ PRIORITY_UPLOAD = 3
 KINDS = {PRIORITY_FINAL: "final", PRIORITY_PARTIAL: "partial", PRIORITY_SPECULATIVE: "speculative", PRIORITY_UPLOAD: "upload"}
 LOAD_WINDOW_SECONDS = 3.0
 SPECULATE_MAX_LOAD = 0.6
-BATCH_GATHER_SECONDS = 0.01
+# A partial batch waits this long at most for the other streaming sessions' windows of the same
+# grid point: their VAD and the event loop spread their arrivals over tens of ms on a busy machine,
+# and a window that misses the batch costs a second call (a row alone costs about twice its share
+# of a batch of four, tiny.en on 2 cores).
+BATCH_GATHER_SECONDS = 0.04
 LAG_WINDOW_SECONDS = 5.0
 # While live speakers stream, uploads get at most this share of a worker's time: on a small machine
 # an upload running flat out takes a core the live partials and finals share (README).
@@ -90,6 +94,8 @@ class Engine:
         metrics.queue_depth.set_function(lambda: len(self._queue))
         self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
         self._queued = asyncio.Event()
+        self._partial_queued = asyncio.Event()  # a gathering partial batch waits on it
+        self._partial_rows_running = 0  # windows in partial batches under way
         self._seq = itertools.count()
         self._workers: list[asyncio.Task[None]] = []
         self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
@@ -140,6 +146,7 @@ class Engine:
         if priority == PRIORITY_PARTIAL:
             self._streaming()
             self._partial_asked[requester] = loop.time()
+            self._partial_queued.set()
         self._queue.append(job)
         self._queued.set()
         return job
@@ -293,14 +300,28 @@ class Engine:
                 await self._run_step(batch[0])
                 continue
             if batch and _batchable(batch[0]):
-                # The sessions that shared the last batch come back within a few ms of each other.
-                await asyncio.sleep(BATCH_GATHER_SECONDS)
+                await self._gather(batch[0])
                 batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
             if batch:
                 final_ran = batch[0].priority == PRIORITY_FINAL
                 if helping and batch[0].priority == PRIORITY_PARTIAL:
                     self.metrics.partial_batches_helped.inc()
                 await self._run(batch)
+
+    async def _gather(self, first: Job) -> None:
+        """Wait, BATCH_GATHER_SECONDS at most, until every streaming session not already in a
+        batch under way has a window queued to share ``first``'s batch (or the batch is full)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BATCH_GATHER_SECONDS
+        key = _batch_key(first.options)
+        while loop.time() < deadline:
+            expected = min(self.settings.max_batch, len(self._streaming()) - self._partial_rows_running)
+            queued = 1 + sum(1 for job in self._queue if _batchable(job) and _batch_key(job.options) == key)
+            if queued >= expected:
+                return
+            self._partial_queued.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._partial_queued.wait(), deadline - loop.time())
 
     def _take_next(self, *, finals_only: bool, final_ran: bool, uploads: bool) -> Job | None:
         job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran, uploads=uploads)
@@ -321,6 +342,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         token = object()
         self._running[token] = start = loop.time()
+        rows = len(batch) if batch[0].priority == PRIORITY_PARTIAL else 0
+        self._partial_rows_running += rows
         try:
             if _batchable(batch[0]):
                 results = await asyncio.to_thread(self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch])
@@ -342,6 +365,7 @@ class Engine:
             else:  # a final, or one decoded ahead of the stop: the same call
                 self.live.final_ran(batch[0].audio.size / SAMPLE_RATE, seconds)
         finally:
+            self._partial_rows_running -= rows
             del self._running[token]
             self._busy.append((start, loop.time()))
             self._forget_busy(loop.time())
