@@ -82,8 +82,7 @@ def predicted(calibration: dict, rows: list[dict], streams: int) -> dict:
     from realtime_stt.capacity import Costs, round_seconds
 
     costs = Costs(**calibration["measured"])
-    rounds = round_seconds(costs, streams, max_batch=calibration["max_batch"],
-                           partial_workers=max(1, calibration["workers"] - 1))
+    rounds = round_seconds(costs, streams, max_batch=calibration["max_batch"], workers=calibration["workers"])
     finals = [costs.final(r["duration_s"]) for r in rows if "error" not in r]
     return {"cadence_p95_s": max(calibration["partial_every_ms"] / 1000, rounds),
             "final_latency_p50_s": percentile(finals, 50)}

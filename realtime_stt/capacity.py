@@ -2,12 +2,12 @@
 model calls cost. A few calls timed at start-up give the prior; the calls the server then runs for
 its speakers scale it (``LiveCosts``), so admission follows the machine as it is today.
 
-The rule, in three sentences. A round of every speaker's partial, in batches of ``max_batch`` on
-the partial workers, must come back within ROOM of the cadence bound (twice PARTIAL_EVERY_MS: under
-load the cadence stretches to a round's time). The speakers' finals must keep the worker that runs
-them at most FINALS_SHARE busy, so that a final seldom waits for another. The most speakers for
-which both hold is the capacity, rounded down to a step of LADDER, so that costs measured 30 %
-higher or lower move it one step at most.
+The rule, in three sentences. Each speaker needs a partial at least once per cadence bound (twice
+PARTIAL_EVERY_MS), at the cost of one row of a batch of as many windows as there are speakers (up
+to ``max_batch``), and its finals: their model time per second of speech. Speakers are served
+while those needs fill at most ROOM of the workers' time (the rest is the server's own: VAD,
+features, the event loop) and one batch comes back within the cadence bound. The capacity is the
+most speakers served, rounded down to a step of LADDER, so that costs 30 % off move it one step.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ PARTIAL_TOKENS = 24  # tokens a partial window of a few seconds of speech decode
 TOKENS_PER_SECOND = 3.5  # of speech, for a final
 LONG_UTTERANCE = 25.0  # the long end (p95) of push-to-talk utterances, for the final bound
 FINAL_BOUND = 2.0  # seconds, final latency p95
-# Both fitted once to a sweep with admission off (README, "What to expect"), where the load they
-# leave room for is the rest of the server: VAD, features and the event loop share the cores.
-ROOM = 0.6
-FINALS_SHARE = 0.5
+# Fitted once to a sweep with admission off (README, "What to expect"): the share of the workers'
+# time the speakers' model calls may fill; VAD, features and the event loop share the cores.
+ROOM = 0.7
 CADENCE_ROOM = 0.9  # one speaker alone: partials come as fast as one takes, with this room
 # Each step at least 4/3 of the one below it: a cost 30 % off moves the capacity one step at most.
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -61,20 +60,21 @@ def on_ladder(speakers: float) -> int:
     return max((step for step in LADDER if step <= speakers), default=1)
 
 
-def round_seconds(costs: Costs, speakers: int, *, max_batch: int, partial_workers: int) -> float:
-    """How long the partial workers take for one round of every speaker's partial."""
-    batches = math.ceil(speakers / max_batch)
-    return math.ceil(batches / partial_workers) * costs.partial(min(speakers, max_batch))
+def round_seconds(costs: Costs, speakers: int, *, max_batch: int, workers: int) -> float:
+    """How long the workers take for one round of every speaker's partial, batches shared out."""
+    batch = min(speakers, max_batch)
+    batches = speakers / batch
+    return batches / min(workers, batches) * costs.partial(batch)
 
 
 def serves(costs: Costs, speakers: int, finals_share: float, *, workers: int, max_batch: int, cadence: float) -> bool:
     """Whether ``speakers`` real-time speakers get their partials and finals within the bounds.
     ``finals_share`` is one speaker's finals' model time per second of speech."""
+    bound = 2 * cadence
+    batch = min(speakers, max_batch)
+    partials = speakers * costs.partial(batch) / batch / bound  # worker-seconds a second
     finals = speakers * finals_share
-    partial_round = round_seconds(costs, speakers, max_batch=max_batch, partial_workers=max(1, workers - 1))
-    if workers == 1:  # the partials get what the finals leave
-        partial_round = partial_round / (1 - finals) if finals < 1 else math.inf
-    return partial_round <= ROOM * 2 * cadence and finals <= FINALS_SHARE
+    return partials + finals <= ROOM * workers and costs.partial(batch) <= bound
 
 
 def capacity(costs: Costs, finals_share: float, *, workers: int, max_batch: int, cadence: float) -> int:
@@ -110,7 +110,7 @@ def cadence_ms(costs: Costs, every_ms: int) -> int:
 
 
 def largest_batch(costs: Costs, cadence: float, most: int) -> int:
-    """The most windows one batch may hold and still return within the cadence bound."""
+    """The most windows one batch may hold and still return within ROOM of the cadence bound."""
     fits = [n for n in range(1, most + 1) if costs.partial(n) <= ROOM * 2 * cadence]
     return max(fits, default=1)
 
