@@ -118,6 +118,10 @@ def parse_args() -> argparse.Namespace:
              "with its own admission",
     )
     parser.add_argument(
+        "--reconnect", action="store_true",
+        help="with --soak: a new socket for each utterance, as push-to-talk clients do (refusals are counted)",
+    )
+    parser.add_argument(
         "--starts", type=int, metavar="N",
         help="instead of one pass: start the server N times and report each start-up's time and prior capacity",
     )
@@ -251,7 +255,7 @@ def main() -> None:
 def run_soak(args: argparse.Namespace, model_id: str, items: list[Item], env: dict[str, str], tag: str) -> None:
     tag = f"soak-{tag}"
     with serve(model_id, env, args.out / f"{tag}-server.log") as server:
-        result = soak(server, items, args.streams, args.soak, args.auto_language)
+        result = soak(server, items, args.streams, args.soak, args.auto_language, args.reconnect)
         server_health = health(server)
     title = f"{args.model}, {args.streams} real-time streams, {args.soak:g} min"
     print(write_soak(result, args.out, tag, title, environment(args, model_id, server_health)))

@@ -25,14 +25,18 @@ from pathlib import Path
 from bench.data import Item, push_to_talk
 from bench.metrics import percentile
 from bench.server import Server
-from bench.stream import Utterance, stream_file
+from bench.stream import REFUSED, Utterance, stream_file
 
 logger = logging.getLogger("bench")
 
 SAMPLE_SECONDS = 10.0
 
 
-async def _client(url: str, items: list[Item], offset: int, until: float, done: list[Utterance], auto_language: bool) -> None:
+async def _client(url: str, items: list[Item], offset: int, until: float, done: list[Utterance], auto_language: bool,
+                  reconnect: bool = False) -> None:
+    if reconnect:
+        await _push_to_talk_client(url, items, offset, until, done, auto_language)
+        return
     import websockets
 
     try:
@@ -44,6 +48,34 @@ async def _client(url: str, items: list[Item], offset: int, until: float, done: 
     except Exception as exc:  # a dropped connection is a figure of the soak
         logger.warning("soak client dropped: %s", exc)
         done.append(Utterance(items[offset % len(items)], error=f"{type(exc).__name__}: {exc}"))
+
+
+async def _push_to_talk_client(url: str, items: list[Item], offset: int, until: float, done: list[Utterance],
+                               auto_language: bool) -> None:
+    """A new socket for each utterance, opened as soon as the last final arrives (the last socket
+    closes meanwhile), as a push-to-talk client does; a refusal (1013) is a figure, not the end."""
+    import websockets
+
+    closing: set[asyncio.Task] = set()
+    for item in itertools.islice(itertools.cycle(items), offset, None):
+        if time.monotonic() >= until:
+            break
+        try:
+            ws = await websockets.connect(f"ws://{url}/ws", max_size=None)
+            done.append(await stream_file(ws, item, 1.0, auto_language))
+        except websockets.ConnectionClosed as exc:
+            refused = exc.rcvd is not None and exc.rcvd.code == 1013
+            done.append(Utterance(item, error=f"{REFUSED if refused else ''}{type(exc).__name__}: {exc}"))
+            await asyncio.sleep(1.0)  # a refused client tries again a moment later
+            continue
+        except Exception as exc:  # a dropped connection is a figure of the soak
+            logger.warning("soak client dropped: %s", exc)
+            done.append(Utterance(item, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        task = asyncio.create_task(ws.close())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+    await asyncio.gather(*closing, return_exceptions=True)
 
 
 def _asyncio_tasks(url: str) -> float | None:
@@ -72,7 +104,8 @@ async def _sampler(server: Server, began: float, until: float, samples: list[dic
         await asyncio.sleep(min(SAMPLE_SECONDS, max(0.0, until - time.monotonic())))
 
 
-def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_language: bool = False) -> dict:
+def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_language: bool = False,
+         reconnect: bool = False) -> dict:
     """Run the soak; its samples, per-minute latency and verdict."""
     utterances: list[Utterance] = []
     samples: list[dict] = []
@@ -82,7 +115,8 @@ def soak(server: Server, items: list[Item], streams: int, minutes: float, auto_l
         began = time.monotonic()
         until = began + minutes * 60
         sampler = asyncio.create_task(_sampler(server, began, until, samples))
-        await asyncio.gather(*(_client(server.url, items, k, until, utterances, auto_language) for k in range(streams)))
+        await asyncio.gather(*(_client(server.url, items, k, until, utterances, auto_language, reconnect)
+                               for k in range(streams)))
         await sampler
         return began
 
@@ -157,7 +191,9 @@ def verdict(samples: list[dict], utterances: list[Utterance], began: float, minu
         "cadence_p95_first_s": first["cadence_p95_s"],
         "cadence_p95_last_s": last["cadence_p95_s"],
         "utterances": sum(1 for u in utterances if u.final),
-        "errors": sum(len(u.of_type("error")) for u in utterances) + sum(1 for u in utterances if u.error),
+        "errors": sum(len(u.of_type("error")) for u in utterances)
+        + sum(1 for u in utterances if u.error and not u.error.startswith(REFUSED)),
+        "refused": sum(1 for u in utterances if u.error and u.error.startswith(REFUSED)),
     }
     latency_held = all(
         result[f"{k}_last_s"] is not None and result[f"{k}_first_s"] and result[f"{k}_last_s"] <= 1.1 * result[f"{k}_first_s"]
@@ -170,6 +206,7 @@ def verdict(samples: list[dict], utterances: list[Utterance], began: float, minu
         and result["tasks_growth"] <= 0
         and latency_held
         and result["errors"] == 0
+        and result["refused"] == 0
     )
     return result
 
@@ -179,7 +216,7 @@ def markdown(result: dict, title: str) -> str:
     lines = [
         f"### Soak: {title}", "",
         "| figure | value |", "|---|---|",
-        f"| utterances / errors | {v['utterances']} / {v['errors']} |",
+        f"| utterances / errors / refused with 1013 | {v['utterances']} / {v['errors']} / {v.get('refused', 0)} |",
         f"| RSS growth after the first {v['window_minutes']:.2g} min | {100 * v['rss_growth']:.1f} % |",
         f"| descriptors / threads / asyncio tasks growth | {v['fds_growth']} / {v['threads_growth']} / {v['tasks_growth']:g} |",
         f"| final p95, first / last {v['window_minutes']:.2g} min | {_s(v['final_p95_first_s'])} / {_s(v['final_p95_last_s'])} |",
