@@ -5,7 +5,7 @@
 # draining first. Any setting in the environment reaches both replicas (README: Settings), e.g.
 #
 #   MODEL_ID=/models/faster-whisper-base deploy/run-local.sh
-#   MAX_SESSIONS=256 MAX_PARTIAL_LAG_SECONDS=0 MODEL_ID=... deploy/run-local.sh   # for a capacity sweep
+#   ADMISSION=fixed MAX_SESSIONS=256 MAX_PARTIAL_LAG_SECONDS=0 MODEL_ID=... deploy/run-local.sh   # for a capacity sweep
 #
 # The replicas start one after the other, so that each calibrates on a machine the other is not
 # loading and no check sees both loading at once.
