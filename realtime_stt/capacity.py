@@ -23,7 +23,7 @@ LONG_UTTERANCE = 25.0  # the long end (p95) of push-to-talk utterances, for the 
 FINAL_BOUND = 2.0  # seconds, final latency p95
 # Fitted once to a sweep with admission off (README, "What to expect"): the share of the workers'
 # time the speakers' model calls may fill; VAD, features and the event loop share the cores.
-ROOM = 0.7
+ROOM = 0.8
 CADENCE_ROOM = 0.9  # one speaker alone: partials come as fast as one takes, with this room
 # Each step at least 4/3 of the one below it: a cost 30 % off moves the capacity one step at most.
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
