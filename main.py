@@ -11,7 +11,13 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
                  sessions open, and the drain on SIGTERM/SIGINT that sends every final before a restart.
 - ``protocol``   the seed WebSocket protocol (JSON messages, validation, close codes, idle and
                  slow-reader limits): a thin adapter that feeds a pipeline and sends what it gives
-                 back, the newest partial only when the client reads slowly.
+                 back, the newest partial only when the client reads slowly; and the socket session
+                 (outbox, sender, receiver, close, drain) that every WebSocket protocol shares.
+- ``openai_realtime``  OpenAI's Realtime API for transcription, ``/v1/realtime?intent=transcription``:
+                 the same socket session and pipeline speaking OpenAI's events (session updates,
+                 base64 audio, commits or server VAD, deltas of committed words, the final);
+                 ``openai_realtime_events`` holds its pure parts (the events' shapes, G.711 and
+                 resampling to 16 kHz, server VAD's turns over the pipeline's Silero scores).
 - ``openai_api`` the OpenAI-compatible ``/v1/audio/transcriptions``, ``/v1/audio/translations`` and
                  ``/v1/models``: a thin adapter that reads a posted file and has the engine decode it
                  as offline faster-whisper does, one 30 s window per job below every live job.

@@ -27,10 +27,12 @@ from realtime_stt.decoder import ModelLoadError
 from realtime_stt.engine import Engine
 from realtime_stt.metrics import Metrics
 from realtime_stt.openai_api import OpenAIApi, Serving
+from realtime_stt.openai_realtime import RealtimeSession
 from realtime_stt.protocol import (
     CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_TRY_AGAIN,
+    SocketSession,
     WebSocketSession,
     close_reason,
 )
@@ -51,7 +53,7 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    sessions: set[Any] = field(default_factory=set)  # WebSocketSession, WyomingSession: each has a .pipeline
+    sessions: set[Any] = field(default_factory=set)  # WebSocketSession, RealtimeSession, WyomingSession: each has a .pipeline
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     app.add_api_websocket_route("/ws", _transcribe)
+    app.add_api_websocket_route("/v1/realtime", _transcribe_realtime)
     OpenAIApi(app.state.service.metrics, partial(_serving, app.state.service)).add_routes(app)
     return app
 
@@ -275,6 +278,15 @@ async def _index() -> FileResponse:
 
 
 async def _transcribe(ws: WebSocket) -> None:
+    await _serve_socket(ws, WebSocketSession)
+
+
+async def _transcribe_realtime(ws: WebSocket) -> None:
+    await _serve_socket(ws, RealtimeSession)
+
+
+async def _serve_socket(ws: WebSocket, protocol: type[SocketSession]) -> None:
+    """One socket of either protocol, behind the same key, origins, admission and drain."""
     service: Service = ws.app.state.service
     settings, metrics = service.settings, service.metrics
     # Accept first so that every refusal reaches the client as a close code with a reason.
@@ -288,7 +300,7 @@ async def _transcribe(ws: WebSocket) -> None:
         await ws.close(code=CLOSE_TRY_AGAIN, reason=close_reason(refused[1]))
         return
     assert service.engine is not None
-    session = WebSocketSession(ws, service.engine, settings, service.draining)
+    session = protocol(ws, service.engine, settings, service.draining)
     ending = "error"
     with service.serving(session):
         try:

@@ -185,6 +185,8 @@ class Pipeline:
         self.options = StreamOptions(language=None if engine.multilingual else "en")
         self.utterance = self._new_utterance()
         self._publish = publish
+        # Silero's frame scores as they come (first frame, scores), for turns ended on speech (OpenAI's server VAD).
+        self.on_speech: Callable[[int, np.ndarray], None] | None = None
         self._odd_byte = b""
         self._finalizing = False
         self._closed = False
@@ -217,6 +219,10 @@ class Pipeline:
         self.engine.metrics.audio_seconds.inc(samples.size / SAMPLE_RATE)
         self._audio_arrived.set()
         self._audio_to_score.set()
+
+    def discard(self) -> None:
+        """Drop the utterance under way undecoded (cleared, or no speech in it); work on it goes stale."""
+        self.utterance, self._odd_byte, self._finished = self._new_utterance(), b"", True
 
     @property
     def active(self) -> bool:
@@ -373,6 +379,8 @@ class Pipeline:
             samples = audio.since(speech.scored_until)[: (frames - speech.frames) * VAD_FRAME]
             probabilities, speech.vad_state = await asyncio.to_thread(speech_probabilities, samples, speech.vad_state)
             speech.add(probabilities)
+            if self.on_speech is not None and utterance is self.utterance:
+                self.on_speech(speech.frames - probabilities.size, probabilities)
 
     def _paused(self, utterance: Utterance) -> bool:
         """The speaker has been silent for SPECULATE_AFTER_SILENCE, as far as the audio is scored:

@@ -1,10 +1,13 @@
-"""The seed WebSocket protocol, a thin adapter over the utterance pipeline.
+"""The seed WebSocket protocol, a thin adapter over the utterance pipeline, and the socket session
+every WebSocket protocol shares.
 
 Client to server: an optional JSON config, binary int16 PCM frames, ``{"type": "stop"}``. Server to
 client: ``partial`` and ``final`` messages, ``error`` for a message it cannot use, and close codes
 for what ends a session. Transport failures become ClientGone; a close the server decided on
 becomes SessionClosed, after the client was told why. Either ends the session with a reason, the
-label it is counted under in ``stt_sessions_ended_total``.
+label it is counted under in ``stt_sessions_ended_total``. ``SocketSession`` holds what does not
+depend on the messages (the outbox and its sender, the receiver with its idle limit, the close, the
+drain for a restart); ``openai_realtime`` speaks OpenAI's Realtime events over the same.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,9 +133,13 @@ class Outbox:
         self._ready.set()
 
 
-class WebSocketSession:
-    """One WebSocket: a receiver, a sender, the pipeline and a drain watcher under one TaskGroup,
-    so nothing outlives it."""
+class SocketSession:
+    """One WebSocket of any protocol: a receiver, a sender, the pipeline and a drain watcher under
+    one TaskGroup, so nothing outlives it. A protocol says what its messages mean (``_on_text``,
+    ``_on_audio``, ``_publish_partial``) and what a restart finalizes (``_finish_before_restart``)."""
+
+    # What a client whose utterance ran past MAX_UTTERANCE_SECONDS should do instead.
+    TOO_LONG_ADVICE = "send stop sooner"
 
     def __init__(self, ws: WebSocket, engine: Engine, settings: Settings, draining: asyncio.Event) -> None:
         self.ws = ws
@@ -147,37 +155,38 @@ class WebSocketSession:
         ending = "client"
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._receive())
-                tasks.create_task(self._send_all())
-                tasks.create_task(self.pipeline.run())
-                tasks.create_task(self._drain_when_asked())
+                for work in self._work():
+                    tasks.create_task(work)
         except* Ending as group:
             ending = _first(group).reason
         return ending
 
-    # -- sending ------------------------------------------------------------------------------
+    def _work(self) -> list[Coroutine[Any, Any, None]]:
+        """The session's tasks, run together until one ends it."""
+        return [self._receive(), self._send_all(), self.pipeline.run(), self._drain_when_asked()]
+
+    # -- what a protocol says -----------------------------------------------------------------
 
     async def _publish_partial(self, partial: Partial) -> None:
-        message = {
-            "type": "partial",
-            "text": partial.text,
-            "committed": partial.committed,
-            "tentative": partial.tentative,
-            "language": partial.language,
-        }
-        if self.outbox.put_partial(Outgoing(_dumps(message), "partial", partial.audio_arrived)):
-            self.metrics.partials_replaced.inc()
+        raise NotImplementedError
 
-    async def _queue(self, message: dict[str, Any], since: float = 0.0) -> None:
-        if not self.outbox.put(Outgoing(_dumps(message), message["type"], since)):
+    async def _on_audio(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _on_text(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def _finish_before_restart(self) -> None:
+        """Finalize the utterance under way from the audio so far (``_finishing`` is held)."""
+        raise NotImplementedError
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _queue(self, message: dict[str, Any], since: float = 0.0, kind: str | None = None) -> None:
+        """Queue a message in order; ``kind`` (partial, final, or the message's type) is what its
+        latency is counted as."""
+        if not self.outbox.put(Outgoing(_dumps(message), kind or message["type"], since)):
             await self._slow_reader(f"{MOST_QUEUED} messages unread")
-
-    async def _error(self, message: str) -> None:
-        await self._queue({"type": "error", "message": message})
-
-    async def _queue_final(self, final: Final, stop_received: float) -> None:
-        message = {"type": "final", "text": final.text, "language": final.language, "duration_s": final.duration_s}
-        await self._queue(message, stop_received)
 
     async def _send_all(self) -> None:
         timeout = self.settings.send_timeout_seconds
@@ -234,25 +243,59 @@ class WebSocketSession:
             elif message.get("text") is not None:
                 await self._on_text(message["text"])
 
-    async def _on_audio(self, data: bytes) -> None:
+    async def _feed(self, data: bytes) -> None:
+        """Hand int16 16 kHz PCM to the pipeline; an utterance past its limit closes the socket."""
         try:
             self.pipeline.feed(data)
         except UtteranceTooLong:
-            limit = self.settings.max_utterance_seconds
-            reason = f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; send stop sooner"
-            await self._close(CLOSE_TOO_BIG, reason, "too_long")
+            await self._too_long()
+
+    async def _too_long(self) -> None:
+        limit = self.settings.max_utterance_seconds
+        reason = f"utterance longer than MAX_UTTERANCE_SECONDS={limit:g} s; {self.TOO_LONG_ADVICE}"
+        await self._close(CLOSE_TOO_BIG, reason, "too_long")
+
+    # -- draining for a restart ---------------------------------------------------------------
+
+    async def _drain_when_asked(self) -> None:
+        """On a restart: the utterance under way is finalized from the audio so far and its final
+        sent, then the socket closes with 1012; an idle socket closes at once."""
+        await self._draining.wait()
+        async with self._finishing:
+            await self._finish_before_restart()
+        await self.outbox.flushed()
+        await self._close(CLOSE_RESTART, "server restarting: reconnect in a moment", "restart")
+
+
+class WebSocketSession(SocketSession):
+    """The seed protocol's session: JSON config and stop, binary PCM, partial and final messages."""
+
+    async def _publish_partial(self, partial: Partial) -> None:
+        message = {
+            "type": "partial",
+            "text": partial.text,
+            "committed": partial.committed,
+            "tentative": partial.tentative,
+            "language": partial.language,
+        }
+        if self.outbox.put_partial(Outgoing(_dumps(message), "partial", partial.audio_arrived)):
+            self.metrics.partials_replaced.inc()
+
+    async def _error(self, message: str) -> None:
+        await self._queue({"type": "error", "message": message})
+
+    async def _queue_final(self, final: Final, stop_received: float) -> None:
+        message = {"type": "final", "text": final.text, "language": final.language, "duration_s": final.duration_s}
+        await self._queue(message, stop_received)
+
+    async def _on_audio(self, data: bytes) -> None:
+        await self._feed(data)
 
     async def _on_text(self, text: str) -> None:
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as exc:
-            await self._error(f"invalid JSON: {exc.msg} at position {exc.pos}")
-            return
-        except RecursionError:
-            await self._error("invalid JSON: nested too deeply")
-            return
-        if not isinstance(message, dict):
-            await self._error("a control message must be a JSON object")
+            message = json_object(text, "a control message")
+        except BadMessage as exc:
+            await self._error(str(exc))
             return
         kind = message.get("type", "config")
         try:
@@ -265,7 +308,7 @@ class WebSocketSession:
             else:
                 await self._error(f"unknown message type {short(kind)}; expected 'config' or 'stop'")
         except ValidationError as exc:
-            await self._error(_describe(exc))
+            await self._error(describe(exc))
         except OptionsError as exc:
             await self._error(str(exc))
 
@@ -277,17 +320,26 @@ class WebSocketSession:
         stop_received = time.monotonic()
         await self._queue_final(await self.pipeline.finish(), stop_received)
 
-    # -- draining for a restart ---------------------------------------------------------------
+    async def _finish_before_restart(self) -> None:
+        if self.pipeline.has_audio:
+            await self._final_now()
 
-    async def _drain_when_asked(self) -> None:
-        """On a restart: the utterance under way is finalized from the audio so far and its final
-        sent, then the socket closes with 1012; an idle socket closes at once."""
-        await self._draining.wait()
-        async with self._finishing:
-            if self.pipeline.has_audio:
-                await self._final_now()
-        await self.outbox.flushed()
-        await self._close(CLOSE_RESTART, "server restarting: reconnect in a moment", "restart")
+
+class BadMessage(ValueError):
+    """A client's text message that is not a JSON object; the message says why."""
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """A client's text message as a JSON object, or BadMessage saying why it is not one."""
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadMessage(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise BadMessage("invalid JSON: nested too deeply") from None
+    if not isinstance(message, dict):
+        raise BadMessage(f"{what} must be a JSON object")
+    return message
 
 
 def close_reason(reason: str) -> str:
@@ -315,7 +367,7 @@ def _first(group: BaseExceptionGroup) -> Ending:
     raise AssertionError("empty exception group")
 
 
-def _describe(exc: ValidationError) -> str:
+def describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "message"

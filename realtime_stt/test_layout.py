@@ -7,12 +7,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 # Each module and the package modules it may import: protocol adapters (protocol, openai_api,
-# wyoming_server) -> pipeline -> engine, policy, VAD -> settings.
+# wyoming_server, openai_realtime, which shares protocol's socket session) -> pipeline -> engine,
+# policy, VAD -> settings.
 ALLOWED = {
-    "app": {"protocol", "openai_api", "wyoming_server", "engine", "decoder", "metrics", "settings"},
+    "app": {"protocol", "openai_api", "wyoming_server", "openai_realtime", "engine", "decoder", "metrics", "settings"},
     "protocol": {"pipeline", "engine", "settings"},
     "openai_api": {"pipeline", "engine", "decoder", "audio_file", "metrics", "settings"},
     "wyoming_server": {"pipeline", "engine", "metrics", "settings"},
+    "openai_realtime": {"protocol", "openai_realtime_events", "pipeline", "engine", "vad", "settings"},
+    "openai_realtime_events": {"vad", "settings"},
     "pipeline": {"engine", "decoder", "policy", "vad", "settings", "words"},
     "engine": {"calibration", "capacity", "decoder", "metrics", "settings"},
     "calibration": {"capacity", "decoder", "settings"},
