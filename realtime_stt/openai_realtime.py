@@ -87,10 +87,12 @@ class RealtimeSession(SocketSession):
         self._fed = 0  # samples of this utterance fed to the pipeline
         self._scored_frames = 0
         self._scoring = asyncio.Event()
-        # While a turn's final is decoded, the next turn's audio waits here (the pipeline's buffer is
-        # the ended turn's until its final is out).
+        # Once a turn has ended (server VAD heard the stop, or a commit came), the next turn's audio
+        # waits here in order until the ended turn's final is out: the pipeline's buffer is the ended
+        # turn's until then. New audio queues behind it while it drains into the next utterance.
         self._held: list[np.ndarray] | None = None
         self._hold_from = 0
+        self._turn_ended = False
         self._recent = np.zeros(0, dtype=np.int16)  # the prefix padding kept when quiet is dropped
         self._generation = 0  # counts utterances: a VAD event of one already ended is stale
         self._speech: deque[tuple[str, int, int]] = deque()  # (what, ms, generation) from the VAD
@@ -215,14 +217,16 @@ class RealtimeSession(SocketSession):
             self._recent = np.concatenate([self._recent, samples])[-keep:] if keep else self._recent[:0]
         self._fed += samples.size
         await self._feed(samples.tobytes())
-        while self.detector is not None and self._held is None and self._fed - self._scored_frames * VAD_FRAME > MOST_UNSCORED:
+        while self.detector is not None and not self._turn_ended and self._fed - self._scored_frames * VAD_FRAME > MOST_UNSCORED:
             self._scoring.clear()
             await self._scoring.wait()
 
     def _hold(self) -> None:
-        """Audio from here on is the next turn's."""
+        """The turn ends here: audio not yet fed is the next turn's."""
+        self._turn_ended = True
+        self._hold_from = self._utterance_start + self._fed
         if self._held is None:
-            self._held, self._hold_from = [], self._utterance_start + self._fed
+            self._held = []
 
     # -- server VAD ---------------------------------------------------------------------------
 
@@ -231,7 +235,7 @@ class RealtimeSession(SocketSession):
         self._scored_frames = first + scores.size
         self._scoring.set()
         detector = self.detector
-        if detector is None or self._held is not None:
+        if detector is None or self._turn_ended:
             return  # no server VAD, or the turn already ended
         start = self._utterance_start
         for what, frame in detector.add(first, scores):
@@ -266,7 +270,7 @@ class RealtimeSession(SocketSession):
                             await self._commit(None)
                 else:
                     async with self._finishing:
-                        if generation == self._generation and self.detector and not self.detector.heard and self._held is None:
+                        if generation == self._generation and self.detector and not self.detector.heard and not self._turn_ended:
                             await self._drop_quiet()
 
     async def _drop_quiet(self) -> None:
@@ -346,12 +350,13 @@ class RealtimeSession(SocketSession):
         if self._pending_language is not None:
             self.pipeline.configure({"language": self._pending_language[0]})
             self._pending_language = None
-        held, self._held = self._held or [], None
-        for index, samples in enumerate(held):
-            if self._held is not None:  # server VAD ended a turn within them: the rest is the next one's
-                self._held.extend(held[index:])
-                break
-            await self._feed_samples(samples)
+        self._turn_ended = False
+        self._scoring.set()  # a feed waiting on the scores of the last utterance waits no more
+        held = self._held
+        while held and not self._turn_ended:  # server VAD may end a turn within them: the rest waits
+            await self._feed_samples(held.pop(0))
+        if not self._turn_ended:
+            self._held = None  # drained: audio goes straight to the pipeline again
 
     async def _finish_before_restart(self) -> None:
         if self._fed >= MIN_COMMIT and (self.detector is None or self.detector.heard):
