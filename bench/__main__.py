@@ -4,6 +4,7 @@
     python -m bench --model base --sweep         # + capacity sweep 1, 2, 4, 8... streams
     python -m bench --url 127.0.0.1:8716 --sweep # the same against servers already running (HAProxy)
     python -m bench --model tiny.en --upload-minutes 10 --streams 4   # live streams beside an upload
+    python -m bench --model tiny.en --protocol realtime   # through OpenAI's Realtime API (/v1/realtime)
 
 Figures (per file and pooled) go to bench/results/ as JSON, a markdown table and, after a sweep, a
 PNG plot. The same model decodes the same files offline with plain faster-whisper (whole file, VAD,
@@ -74,7 +75,7 @@ def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item
 def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int, spoken: dict) -> dict:
     """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
     plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
-    utterances, cpu, _ = measure(server, plans, 1.0, f"{streams} streams", args.auto_language)
+    utterances, cpu, _ = measure(server, plans, 1.0, f"{streams} streams", args.auto_language, args.protocol)
     rows = [utterance_figures(u, spoken.get(u.item.name)) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
@@ -98,6 +99,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="only the first N files (after --languages and --files)")
     parser.add_argument("--push-to-talk", action="store_true", help="only files of push-to-talk length (30 s or less)")
     parser.add_argument("--streams", type=int, default=1, help="concurrent clients in the main run")
+    parser.add_argument(
+        "--protocol", choices=("ws", "realtime"), default="ws",
+        help="the main run and the sweep over the seed protocol (/ws) or OpenAI's Realtime API (/v1/realtime)",
+    )
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time, 2 = twice as fast, 0 = no pacing")
     parser.add_argument("--sweep", action="store_true", help="also find streams per machine")
     parser.add_argument("--max-streams", type=int, default=16)
@@ -181,7 +186,8 @@ def main() -> None:
     if not args.admission:
         env.update(ADMISSION="fixed", MAX_SESSIONS="256", MAX_PARTIAL_LAG_SECONDS="0")
     env.update(pair.split("=", 1) for pair in args.env)
-    tag = f"{Path(args.model).name.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    protocol = "" if args.protocol == "ws" else f"{args.protocol}-"
+    tag = f"{Path(args.model).name.replace(':', '-')}-{protocol}{time.strftime('%Y%m%d-%H%M%S')}"
     if args.soak:
         run_soak(args, model_id, items, env, tag)
         return
@@ -203,7 +209,8 @@ def main() -> None:
         partial_every = health(server)["partial_every_ms"] / 1000
         plans = [items[k :: args.streams] for k in range(args.streams)]
         model_before = model_seconds(server)
-        utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language)
+        utterances, cpu, wall = measure(server, plans, args.speed, f"{args.streams} stream(s)", args.auto_language,
+                                        args.protocol)
         # Behind a balancer each reading comes from some replica: model time and calibration are
         # one replica's at best, so neither is reported for the whole.
         model_time = model_time_per_call(model_before, model_seconds(server)) if not args.url else {}

@@ -200,6 +200,7 @@ def environment(args: argparse.Namespace, model_id: str, server_health: dict) ->
         "faster_whisper": faster_whisper.__version__,
         "speed": args.speed,
         "streams": args.streams,
+        "protocol": getattr(args, "protocol", "ws"),
         "auto_language": args.auto_language,
         "server_settings": args.env,
         "server_inference": server_health.get("inference"),
@@ -217,6 +218,7 @@ def markdown(result: dict) -> str:
         f"### {env['model']} ({env['compute_type']}, {env['threads']} threads, {env['cpu']}, {env['cores']} cores), "
         f"{run['files']} files, {env['streams']} stream(s) at {env['speed']}x"
         + (", no language sent" if env.get("auto_language") else "")
+        + (" over OpenAI's Realtime API" if env.get("protocol") == "realtime" else "")
         + (" (random weights: timing only, its text is noise)" if str(env["model"]).startswith("random:") else ""),
         "",
         "| figure | value |",

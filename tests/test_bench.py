@@ -188,3 +188,13 @@ def test_a_short_upload_beside_a_live_stream(tmp_path):
     assert upload["completed"] >= 1 and upload["audio_s"] >= 6 and 0 < upload["real_time_factor"] < 1
     assert upload["wer"] <= 0.5 and "cadence_p95_s" in figures["change"]  # the 2.8 s file three times
     assert "| partial cadence p95 |" in result.stdout and "real-time factor" in result.stdout
+
+
+def test_the_realtime_arm_measures_the_same_figures_through_openais_realtime_api(tmp_path):
+    # --protocol realtime streams through /v1/realtime: deltas count as partials, completed as the final.
+    result, figures = run_bench(tmp_path, "*-realtime-*.json", 600, "--files", "en_cmu_goforward.wav", "--no-offline",
+                                "--protocol", "realtime")
+    run, [row] = figures["run"], figures["files"]
+    assert figures["environment"]["protocol"] == "realtime" and "over OpenAI's Realtime API" in result.stdout
+    assert run["dropped"] == run["errors"] == 0 and run["wer_final"] <= 0.25 and run["final_latency_p50_s"] > 0
+    assert row["committed_revisions"] == 0 and row["final"]
