@@ -185,6 +185,7 @@ class RealtimeSession(SocketSession):
     async def _commit_asked(self, message: dict[str, Any]) -> None:
         event = Commit.model_validate(message)
         async with self._finishing:
+            await self._settle_speech()
             if self._held is None:
                 await self._take(self.audio.flush())  # the buffer ends here: the resampler's tail is in it
             await self._commit(event.event_id, asked=True)
@@ -192,6 +193,7 @@ class RealtimeSession(SocketSession):
     async def _clear(self, message: dict[str, Any]) -> None:
         Commit.model_validate(message)
         async with self._finishing:
+            await self._settle_speech()
             self.pipeline.discard()
             self.audio.flush()
             self._held = None
@@ -201,13 +203,16 @@ class RealtimeSession(SocketSession):
     # -- audio into the pipeline ----------------------------------------------------------------
 
     async def _take(self, samples: np.ndarray) -> None:
-        self._received += samples.size
-        if self._held is None:
-            await self._feed_samples(samples)
-            return
-        self._held.append(samples)
-        if self._received - self._hold_from > self.settings.max_utterance_seconds * SAMPLE_RATE:
-            await self._too_long()
+        # In slices, so that server VAD paces even one append that holds a whole recording.
+        for start in range(0, samples.size, MOST_UNSCORED // 2):
+            piece = samples[start : start + MOST_UNSCORED // 2]
+            self._received += piece.size
+            if self._held is None:
+                await self._feed_samples(piece)
+                continue
+            self._held.append(piece)
+            if self._received - self._hold_from > self.settings.max_utterance_seconds * SAMPLE_RATE:
+                await self._too_long()
 
     async def _feed_samples(self, samples: np.ndarray) -> None:
         if not samples.size:
@@ -251,27 +256,30 @@ class RealtimeSession(SocketSession):
             self._speech_changed.set()
 
     async def _follow_speech(self) -> None:
-        """Tell the client what server VAD heard, and end the turn where the speech stopped."""
         while True:
             await self._speech_changed.wait()
             self._speech_changed.clear()
-            while self._speech:
-                what, ms, generation = self._speech.popleft()
-                if generation != self._generation:
-                    continue  # that utterance was committed or cleared meanwhile
-                if what == "started":
-                    self._item_open = True
-                    await self._queue(_event("input_audio_buffer.speech_started", audio_start_ms=ms, item_id=self._current_item()))
-                    await self._send_delta()  # the words committed before the VAD heard the speech
-                elif what == "stopped":
-                    await self._queue(_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=self._current_item()))
-                    async with self._finishing:
-                        if generation == self._generation:
-                            await self._commit(None)
-                else:
-                    async with self._finishing:
-                        if generation == self._generation and self.detector and not self.detector.heard and not self._turn_ended:
-                            await self._drop_quiet()
+            async with self._finishing:
+                await self._settle_speech()
+
+    async def _settle_speech(self) -> None:
+        """Tell the client what server VAD heard, in order, and end each turn where its speech
+        stopped (``_finishing`` is held). A client's commit or clear, and a restart, settle first:
+        the turns the VAD ended in the audio before them are committed on their own, as OpenAI's
+        server would have done as that audio came, even where the VAD's scoring lagged behind."""
+        while self._speech:
+            what, ms, generation = self._speech.popleft()
+            if generation != self._generation:
+                continue  # that utterance was committed or cleared meanwhile
+            if what == "started":
+                self._item_open = True
+                await self._queue(_event("input_audio_buffer.speech_started", audio_start_ms=ms, item_id=self._current_item()))
+                await self._send_delta()  # the words committed before the VAD heard the speech
+            elif what == "stopped":
+                await self._queue(_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=self._current_item()))
+                await self._commit(None)  # its restart feeds the held audio: the VAD may end more turns
+            elif self.detector and not self.detector.heard and not self._turn_ended:
+                await self._drop_quiet()
 
     async def _drop_quiet(self) -> None:
         keep, self._recent = self._recent, self._recent[:0]
@@ -359,5 +367,6 @@ class RealtimeSession(SocketSession):
             self._held = None  # drained: audio goes straight to the pipeline again
 
     async def _finish_before_restart(self) -> None:
+        await self._settle_speech()
         if self._fed >= MIN_COMMIT and (self.detector is None or self.detector.heard):
             await self._commit(None)

@@ -39,7 +39,8 @@ ERROR_FIELDS = {"type", "code", "message", "param", "event_id"}
 @pytest.fixture(scope="module")
 def realtime(tmp_path_factory):
     manifest()
-    with start_server({"API_KEY": KEY, "MAX_SESSIONS": "2"}, tmp_path_factory.mktemp("realtime")) as server:
+    # A fixed cap of two (not the live capacity, which a loaded machine may measure at one).
+    with start_server({"API_KEY": KEY, "MAX_SESSIONS": "2", "ADMISSION": "fixed"}, tmp_path_factory.mktemp("realtime")) as server:
         yield server
 
 
@@ -140,6 +141,32 @@ def test_deltas_come_while_the_speaker_talks_and_server_vad_ends_each_turn(realt
         assert not said or error_rate([(" ".join(units(final.transcript, "en")[: len(said)]), " ".join(said), "en")]) <= 0.3
         assert wer(reference(name), final.transcript) <= 0.25, final.transcript
         assert final.usage.type == "duration" and final.usage.seconds > 2
+
+
+def test_a_commit_and_a_clear_first_take_the_turns_server_vad_ended_before_them(realtime):
+    """Two utterances in one append, then a commit and a clear at once, as the Agents SDK ends its
+    input: each utterance is its own item, committed before the clear, however far the VAD lags."""
+    audio = np.concatenate([at_24k(read_pcm(FIRST)), silence(1.5), at_24k(read_pcm(SECOND)), silence(1.0)])
+
+    async def scenario() -> list:
+        seen = []
+        async with connect(realtime) as conn:
+            await conn.recv()
+            await conn.session.update(session=session_update({"type": "server_vad"}))
+            await conn.recv()
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio.tobytes()).decode())
+            await conn.input_audio_buffer.commit()
+            await conn.input_audio_buffer.clear()
+            async for event in conn:
+                seen.append(event)
+                if event.type == "input_audio_buffer.cleared":
+                    return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert not [e for e in seen if e.type == "error"], seen
+    said = [e.transcript for e in seen if e.type.endswith(".completed") and e.transcript]
+    assert len(said) == 2 and wer(reference(FIRST), said[0]) <= 0.25 and wer(reference(SECOND), said[1]) <= 0.25, said
+    assert len([e for e in seen if e.type == "input_audio_buffer.speech_stopped"]) == 2
 
 
 def test_without_turn_detection_the_turn_waits_for_the_commit_and_its_final_is_the_seed_protocols(realtime):
