@@ -53,7 +53,7 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    sessions: set[Any] = field(default_factory=set)  # WebSocketSession, RealtimeSession, WyomingSession: each has a .pipeline
+    sessions: set[Any] = field(default_factory=set)  # WebSocket, Realtime and Wyoming sessions: each has a .pipeline
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
 

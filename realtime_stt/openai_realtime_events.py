@@ -198,7 +198,8 @@ def updated(config: SessionConfig, update: GaUpdate | BetaUpdate) -> SessionConf
         session = update.session
         if session.input_audio_format is not None:
             changes["format"] = session.input_audio_format
-        transcription, noise, detection = session.input_audio_transcription, session.input_audio_noise_reduction, session.turn_detection
+        transcription, noise = session.input_audio_transcription, session.input_audio_noise_reduction
+        detection = session.turn_detection
         names = {{"input_audio_noise_reduction": "noise_reduction"}.get(n, n) for n in session.model_fields_set}
         include = session.include
     if transcription is not None:

@@ -253,7 +253,8 @@ def test_bad_events_get_openais_error_events_and_the_session_goes_on(realtime):
             audio = base64.b64encode(at_24k(read_pcm(SECOND)).tobytes()).decode()
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-            while (event := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != "conversation.item.input_audio_transcription.completed":
+            done = "conversation.item.input_audio_transcription.completed"
+            while (event := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"] != done:
                 assert event["type"] != "error", event
             return errors, event["transcript"]
 
