@@ -39,8 +39,10 @@ ERROR_FIELDS = {"type", "code", "message", "param", "event_id"}
 @pytest.fixture(scope="module")
 def realtime(tmp_path_factory):
     manifest()
-    # A fixed cap of two (not the live capacity, which a loaded machine may measure at one).
-    with start_server({"API_KEY": KEY, "MAX_SESSIONS": "2", "ADMISSION": "fixed"}, tmp_path_factory.mktemp("realtime")) as server:
+    # A fixed cap of two, and a partial every 500 ms: a loaded machine's calibration may measure one
+    # speaker and a partial every 2.5 s, and a 5.9 s turn would then commit no word while it lasts.
+    env = {"API_KEY": KEY, "MAX_SESSIONS": "2", "ADMISSION": "fixed", "PARTIAL_EVERY_MS": "500", "MAX_PARTIAL_LAG_SECONDS": "0"}
+    with start_server(env, tmp_path_factory.mktemp("realtime")) as server:
         yield server
 
 
