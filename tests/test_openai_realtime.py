@@ -208,6 +208,37 @@ def test_without_turn_detection_the_turn_waits_for_the_commit_and_its_final_is_t
     assert abs(ours - seed) <= 0.005, rows
 
 
+def test_a_beta_client_gets_beta_events_and_its_g711_is_transcribed(realtime):
+    """The SDK's beta client (OpenAI-Beta: realtime=v1): transcription_session events, mu-law audio."""
+    # The client's side: 8 kHz, then G.711 mu-law (bias 0x84, clipped at 32635; sign, segment, mantissa, inverted).
+    mu_law = soxr.resample(np.frombuffer(read_pcm(SECOND), "<i2"), 16_000, 8_000).astype(np.int16)
+    exponent = np.clip(np.floor(np.log2(np.abs(mu_law.astype(np.int32)) + 0x84)) - 7, 0, 7).astype(np.int32)
+    magnitude = np.minimum(np.abs(mu_law.astype(np.int32)), 32635) + 0x84
+    code = ~((np.where(mu_law < 0, 0x80, 0) | (exponent << 4) | ((magnitude >> (exponent + 3)) & 0x0F))) & 0xFF
+
+    async def scenario() -> tuple[list[str], str]:
+        beta = AsyncOpenAI(base_url=f"{realtime.base_url}/v1", api_key=KEY, max_retries=0,
+                           websocket_base_url=realtime.ws_url[:-3].replace("http", "ws") + "/v1")
+        async with beta.beta.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+            kinds = [(await conn.recv()).type]
+            await conn.transcription_session.update(session={
+                "input_audio_format": "g711_ulaw", "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": None})
+            updated = await conn.recv()
+            kinds.append(updated.type)
+            assert updated.session.input_audio_format == "g711_ulaw" and updated.session.turn_detection is None
+            await conn.input_audio_buffer.append(audio=base64.b64encode(code.astype(np.uint8).tobytes()).decode())
+            await conn.input_audio_buffer.commit()
+            async for event in conn:
+                assert event.type != "error", event
+                if event.type == "conversation.item.input_audio_transcription.completed":
+                    return kinds, event.transcript
+
+    kinds, transcript = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert kinds == ["transcription_session.created", "transcription_session.updated"]
+    assert wer(reference(SECOND), transcript) <= 0.25, transcript
+
+
 def test_the_agents_sdk_transcribes_each_turn(realtime):
     """openai-agents' streamed STT as it ships: its default semantic VAD (served as server VAD), its
     wait for session.updated, its end-of-input commit and clear."""
