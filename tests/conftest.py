@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gc_safe_parse  # noqa: F401  (installed on import: a failing test's report cannot end in INTERNALERROR)
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
