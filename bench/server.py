@@ -4,8 +4,10 @@ or one already running elsewhere (replicas behind a load balancer), whose CPU an
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,42 +45,83 @@ class Server:
                 self.peak_rss = max(self.peak_rss, process.memory_info().rss)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(prctl, parent: int) -> None:
+    """In the server's process, before it runs: the kernel sends it SIGTERM when the benchmark ends,
+    however it ends (SIGKILL included), so no server outlives the run that started it (Linux).
+    ``prctl`` is looked up before the fork: nothing is loaded in the child."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the benchmark was gone before the line above took effect
+        os._exit(1)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM ends the benchmark as Ctrl-C does: through every `finally`, which stops the server.
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
+    """A server of our own, stopped on the way out however the benchmark is stopped: Ctrl-C
+    (KeyboardInterrupt), SIGTERM (made a SystemExit here), or its death (the kernel's signal). It
+    runs in a session of its own, so that a terminal's Ctrl-C reaches the benchmark alone and the
+    server is stopped by the `finally` below, and ends with every process it started."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, "MODEL_ID": model_id, **env},
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(f"127.0.0.1:{port}", process)
-    watcher = threading.Thread(target=server.watch_memory, daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    # The kernel's signal follows the thread that started the process: only the main one lives as
+    # long as the benchmark does.
+    prctl = ctypes.CDLL(None).prctl if in_main and sys.platform == "linux" else None
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited ({process.returncode}); see {log}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://{server.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server not ready in 300 s; see {log}")
-            time.sleep(0.2)
-        watcher.start()
-        yield server
-    finally:
-        server._stop.set()
-        process.terminate()
+        with log.open("wb") as sink:
+            parent = os.getpid()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=ROOT,
+                env={**os.environ, "MODEL_ID": model_id, **env},
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=(lambda: _die_with_parent(prctl, parent)) if prctl else None,
+            )
+        server = Server(f"127.0.0.1:{port}", process)
+        watcher = threading.Thread(target=server.watch_memory, daemon=True)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            deadline = time.monotonic() + 300
+            while True:
+                if process.poll() is not None:
+                    raise SystemExit(f"server exited ({process.returncode}); see {log}")
+                with contextlib.suppress(OSError):
+                    with urllib.request.urlopen(f"http://{server.url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"server not ready in 300 s; see {log}")
+                time.sleep(0.2)
+            watcher.start()
+            yield server
+        finally:
+            server._stop.set()
+            stop(process)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole session (it drains: DRAIN_SECONDS at most), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @contextlib.contextmanager

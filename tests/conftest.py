@@ -139,6 +139,36 @@ def start_server(
             process.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite() -> Iterator[None]:
+    """After the last test, every process the suite started (servers, benchmarks, HAProxy, browsers)
+    has ended: one still running is killed, and the suite fails, naming it. A user's machine must
+    not be left with a server on a port after the tests."""
+    import psutil
+
+    if sys.platform == "linux":
+        # Orphans come to this process, not to init: a server whose parent was killed (a benchmark
+        # stopped the hard way) is still counted below.
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    yield
+    me = psutil.Process()
+    left = [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    if not left:
+        return
+    described = []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{process.pid}: {' '.join(process.cmdline())}")
+            process.terminate()
+    _, alive = psutil.wait_procs(left, timeout=20)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    pytest.fail("processes the tests started were still running after the last test (now stopped):\n" + "\n".join(described))
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     with start_server({"INFERENCE_WORKERS": ""}) as running:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 from conftest import EVAL_DIR, ROOT, manifest, read_pcm, tiny_model_path
 
@@ -93,13 +95,51 @@ def run_bench(out, report: str, timeout: int, *args: str) -> tuple[subprocess.Co
     return result, json.loads(path.read_text())
 
 
-def test_a_short_real_run_produces_every_figure(tmp_path):
-    name = "en_cmu_goforward.wav"
-    assert name in manifest(), f"{EVAL_DIR} lacks {name}"
-    # A twentieth of real time: the 2.8 s file gets partials with text, so the partial figures are
-    # exercised, even on a machine too slow to decode in real time (on the CI machine at 0.1x, each
-    # partial decode took up to 12 s and the last one before the stop covered under a second).
-    result, figures = run_bench(tmp_path, "*.json", 900, "--files", name, "--speed", "0.05")
+def start_bench(out, *args: str) -> tuple[subprocess.Popen, list[psutil.Process], dict]:
+    """``python -m bench --model tiny.en ARGS --sweep`` into ``out``, left running once the main run
+    is on disk (the sweep of 900 s a client after it is still under way); the processes it started
+    (its server) and the main run's figures."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--model", "tiny.en", "--env", "INFERENCE_WORKERS=2", "--files", "en_cmu_goforward.wav",
+         *args, "--sweep", "--max-streams", "2", "--sweep-seconds", "900", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600  # the offline decode, the server's start, the main run
+        while not list(out.glob("*.md")) and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # the table is written after the JSON: the JSON is whole by then
+        assert bench.poll() is None, bench.stderr.read()[-3000:]
+        [path] = out.glob("*.json")
+        return bench, psutil.Process(bench.pid).children(recursive=True), json.loads(path.read_text())
+    except BaseException:
+        bench.kill()
+        raise
+
+
+def stopped(bench: subprocess.Popen, started: list[psutil.Process], sig: signal.Signals) -> int:
+    """Send ``sig`` to the benchmark; its exit status, once every process it started has ended too."""
+    ports = [int(p.cmdline()[p.cmdline().index("--port") + 1]) for p in started if "--port" in p.cmdline()]
+    assert ports, [p.cmdline() for p in started]  # its uvicorn
+    bench.send_signal(sig)
+    try:
+        status = bench.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        bench.kill()
+        raise AssertionError(f"the benchmark did not stop within 60 s of {sig.name}")
+    gone, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, f"left running after {sig.name}: {[p.cmdline() for p in alive]}"
+    for port in ports:  # and nothing listens where its server did
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    return status
+
+
+def test_a_short_real_run_produces_every_figure_and_ctrl_c_keeps_them_and_stops_its_server(tmp_path):
+    # A fifth of real time: the 2.8 s file gets partials with text, so the partial figures are
+    # exercised, even on a machine that decodes slower than real time. Ctrl-C (SIGINT) then stops a
+    # long run midway (a machine lent for minutes): what it measured stays on disk, and its server stops.
+    bench, started, figures = start_bench(tmp_path, "--speed", "0.2")
+    assert stopped(bench, started, signal.SIGINT) != 0
     run = figures["run"]
     assert run["files"] == 1 and run["dropped"] == 0 and run["errors"] == 0
     assert 0 <= run["wer_final"] <= 0.2 and run["offline_wer"] is not None
@@ -108,45 +148,31 @@ def test_a_short_real_run_produces_every_figure(tmp_path):
     assert figures["environment"]["model"] == "tiny.en"
     assert run["cadence_p50_s"] > 0 and run["first_text_p50_s"] > 0 and run["flicker"] is not None
     assert 0 <= run["coverage"] <= 1 and isinstance(run["wer_last_partial"], float)
-    # Word latency against the offline decode's word times. At a twentieth of real time a partial
-    # can hold a word before the last of it has arrived (in wall seconds): a latency below zero.
+    # Word latency against the offline decode's word times. Slower than real time, a partial can
+    # hold a word before the last of it has arrived (in wall seconds): a latency below zero.
     assert 0 < run["words_shown_before_stop"] <= 1 and isinstance(run["word_shown_p50_s"], float)
     assert run["first_words_p50_s"] > 0
-    assert "| word shown p50 / p95 (committed) |" in result.stdout
     [row] = figures["files"]
     assert row["final"] and row["last_partial"] and row["partials"] >= 2 and row["wer_final"] == run["wer_final"]
-    assert "| final latency p50 / p95 |" in result.stdout
+    assert figures["sweep"] == [] and figures["sweep_finished"] is False
+    [table] = tmp_path.glob("*.md")
+    assert "| final latency p50 / p95 |" in table.read_text() and "| word shown p50 / p95 (committed) |" in table.read_text()
 
 
-def test_a_sweep_stopped_midway_leaves_the_main_run_and_its_levels_on_disk(tmp_path):
-    # A long run cut short (a machine lent for minutes, a ^C) must keep what it measured: the main
-    # run's figures are written before the sweep starts, and each level as it ends.
-    name = "en_cmu_goforward.wav"
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--model", "tiny.en", "--env", "INFERENCE_WORKERS=2", "--files", name,
-         "--no-offline", "--speed", "0", "--sweep", "--max-streams", "2", "--sweep-seconds", "900", "--out", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("*.json")) and bench.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert bench.poll() is None, bench.stderr.read()[-3000:]
-        [path] = tmp_path.glob("*.json")
-        figures = json.loads(path.read_text())
-    finally:
-        bench.send_signal(signal.SIGINT)  # its server is stopped on the way out, as after any ^C
-        try:
-            bench.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            bench.kill()
+def test_sigterm_stops_the_benchmark_and_its_server_and_keeps_what_it_measured(tmp_path):
+    # A service manager's stop, or a CI job's time limit: SIGTERM, not Ctrl-C.
+    bench, started, figures = start_bench(tmp_path, "--no-offline", "--speed", "0")
+    assert stopped(bench, started, signal.SIGTERM) == 128 + signal.SIGTERM
     assert figures["run"]["files"] == 1 and figures["run"]["final_latency_p50_s"] is not None
     assert figures["sweep"] == [] and figures["sweep_finished"] is False
-    assert "| final latency p50 / p95 |" in (tmp_path / path.name.replace(".json", ".md")).read_text()
+    [table] = tmp_path.glob("*.md")
+    assert "| final latency p50 / p95 |" in table.read_text()
 
 
 def test_a_half_minute_soak_samples_the_server_and_judges_it(tmp_path):
-    result, figures = run_bench(tmp_path, "soak-*.json", 600, "--streams", "2", "--soak", "0.5")
+    # Short files, so that the last utterance begun within the half minute ends soon after it.
+    short = "en_cmu_goforward.wav,en_ljspeech_LJ002-0020.wav,en_ljspeech_LJ002-0035.wav,en_speechrecognition_one_two_three.wav"
+    result, figures = run_bench(tmp_path, "soak-*.json", 600, "--files", short, "--streams", "2", "--soak", "0.5")
     samples = figures["samples"]  # one every 10 s
     assert len(samples) >= 3 and samples[-1]["t_s"] >= 30
     assert all(s["rss_mb"] > 50 and s["fds"] > 0 and s["threads"] > 0 and s["asyncio_tasks"] > 0 for s in samples)
