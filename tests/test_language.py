@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import unicodedata
 
 import pytest
 import websockets
 from conftest import base_model_path, manifest, read_pcm, speak, start_server
 
-from bench.metrics import coverage, error_rate
+from bench.metrics import error_rate
 
 # One recording of each language with a transcript, 4 to 9 s; English is the language a wrong guess
 # falls back to most often, so it is left out here (it is the whole rest of the suite).
@@ -57,32 +58,56 @@ def language_of(name: str) -> str:
     return manifest()[name]["language"]
 
 
-def test_partials_are_in_the_spoken_language_from_the_first_words(base_server):
-    results = run(stream_all(base_server.ws_url, FILES, waves=4))  # two at a time: base holds about 1 here
-    for name, result in results.items():
+# The script each language is written in, by Unicode character names; the Latin-script ones are
+# told from an English reading by English function words, which none of their finals hold.
+SCRIPTS = {"ru": ("CYRILLIC",), "ja": ("HIRAGANA", "KATAKANA", "CJK", "IDEOGRAPHIC"), "zh": ("CJK", "IDEOGRAPHIC")}
+# (Not "in", "was", "he", "i": German, German, Spanish and Swedish words.)
+ENGLISH = {"the", "and", "of", "is", "you", "that", "this", "what", "they", "with"}
+
+
+def letters_outside_the_script(text: str, language: str) -> list[str]:
+    script = SCRIPTS.get(language, ("LATIN",))
+    return [c for c in text if c.isalpha() and not any(name in unicodedata.name(c, "") for name in script)]
+
+
+@pytest.fixture(scope="module")
+def spoken(base_server) -> dict:
+    """Every file spoken in real time with no language sent, two speakers at a time (base holds
+    about one here: the partials run late, which no test below measures)."""
+    return run(stream_all(base_server.ws_url, FILES, waves=4))
+
+
+def test_partials_are_in_the_spoken_language_from_the_first_words(spoken):
+    shown_in = 0
+    for name, result in spoken.items():
         final, language = result.final, language_of(name)
         assert final["language"] == language, (name, final)
         shown = [p for p in result.partials if p["text"]]
-        # Text only once the language is settled, and then it is the spoken one.
+        shown_in += bool(shown)
+        # Text only once the language is settled, and then it is the spoken one, from the first words on.
         assert all(p["language"] == language for p in shown), (name, shown)
-        # The words shown are the final's words, misheard at times, never another language's (an
-        # English reading of the German file shares 1 word in 5 with its final).
-        found, total = map(sum, zip((0, 0), *(coverage(p["text"], final["text"], language) for p in shown)))
-        assert found >= 0.4 * total, (name, [p["text"] for p in result.partials], final["text"])
-    # Two streams at once on two cores: the last partials lag, in any language (with the language
-    # given 44 to 47 % of the finals' words were in them; one stream at a time: README).
-    found, total = map(sum, zip(*(coverage(r.final["text"], r.partials[-1]["text"], language_of(n)) for n, r in results.items())))
-    assert found / total >= 0.25, (found, total)
+        # And the words are written as that language writes them, misheard at times but never read
+        # as another language (a wrong guess's reading, English most often: 'Portal' as 'portal').
+        for partial in shown:
+            assert not letters_outside_the_script(partial["text"], language), (name, partial["text"])
+            if language not in SCRIPTS:
+                english = (set(re.findall(r"\w+", partial["text"].lower())) & ENGLISH) - set(re.findall(r"\w+", final["text"].lower()))
+                assert not english, (name, partial["text"], final["text"])
+    # Words show before the stop, not only in the final (the checks above are not vacuous).
+    assert shown_in >= len(FILES) - 2, {n: [p["text"] for p in r.partials] for n, r in spoken.items()}
 
 
-def test_finals_without_a_language_are_as_accurate_as_with_it(base_server):
-    auto = run(stream_all(base_server.ws_url, FILES, realtime=0, waves=1))
-    given = {name: run(stream_all(base_server.ws_url, (name,), config={"language": language_of(name)}, realtime=0, waves=1))[name] for name in FILES}
+def test_finals_without_a_language_are_as_accurate_as_with_it(base_server, spoken):
+    async def each_with_its_language():
+        runs = await asyncio.gather(*(stream_all(base_server.ws_url, (name,), config={"language": language_of(name)}, realtime=0, waves=1) for name in FILES))
+        return {name: by_name[name] for name, by_name in zip(FILES, runs)}
+
+    given = run(each_with_its_language())
     triples = {
         kind: [(manifest()[name]["text"], runs[name].final["text"], language_of(name)) for name in FILES]
-        for kind, runs in (("auto", auto), ("given", given))
+        for kind, runs in (("auto", spoken), ("given", given))
     }
-    assert [auto[name].final["language"] for name in FILES] == [language_of(name) for name in FILES]
+    assert [spoken[name].final["language"] for name in FILES] == [language_of(name) for name in FILES]
     assert error_rate(triples["auto"]) <= error_rate(triples["given"]) + 0.02, triples
 
 
@@ -91,7 +116,7 @@ def ngrams(text: str, n: int = 3) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def test_the_final_reads_on_after_a_pause_and_says_nothing_twice(base_server):
+def test_the_final_reads_on_after_a_pause_and_says_nothing_twice(base_server, spoken):
     pause = bytes(2 * int(0.7 * 16000))
     twice = read_pcm(GERMAN) + pause + read_pcm(GERMAN)
 
@@ -104,10 +129,9 @@ def test_the_final_reads_on_after_a_pause_and_says_nothing_twice(base_server):
     # where it stopped, not from earlier (no third reading) and not later (no lost second one).
     assert final["language"] == "de"
     assert final["text"].lower().count("portal") == 2, final
-    singles = run(stream_all(base_server.ws_url, FILES[1:4], realtime=1.0, waves=1))
-    for name, result in singles.items():
-        grams = ngrams(result.final["text"])
-        assert len(grams) == len(set(grams)), (name, result.final["text"])
+    for name in FILES[1:4]:  # said once, read once
+        grams = ngrams(spoken[name].final["text"])
+        assert len(grams) == len(set(grams)), (name, spoken[name].final["text"])
 
 
 @pytest.fixture(scope="module")
