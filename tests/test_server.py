@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -221,10 +222,12 @@ def test_what_is_said_after_a_short_pause_reaches_the_final(server):
     """A final decoded without timestamps may stop at a pause; what follows must still be read."""
     tails = ("en_librivox_sense_and_sensibility_0880.wav", "en_mfa_style_thoughts.wav")
 
-    async def scenario():
+    async def one(tail: str) -> dict:
         async with websockets.connect(server.ws_url) as ws:
-            pcms = [read_pcm(SHORT) + silence(0.6) + read_pcm(tail) + silence(0.3) for tail in tails]
-            return [(await speak(ws, pcm, realtime=1.0)).final for pcm in pcms]
+            return (await speak(ws, read_pcm(SHORT) + silence(0.6) + read_pcm(tail) + silence(0.3), realtime=1.0)).final
+
+    async def scenario():  # two speakers at once, as two at once are served (test_several_clients_at_once)
+        return await asyncio.gather(*map(one, tails))
 
     for tail, final in zip(tails, run(scenario())):
         # Each tail is 8 of the 24 words: losing it costs 0.33; tiny.en misspells a word of the first.
@@ -388,6 +391,15 @@ def test_more_sessions_than_allowed_closes_with_1013(strict_server):
     (code, reason), still = run(scenario())
     assert code == 1013 and "try again later" in reason
     assert still.final["text"], "the session already in place keeps being served"
+
+
+def test_metrics_are_behind_the_api_key(strict_server):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(strict_server.base_url + "/metrics", timeout=5)
+    assert refused.value.code == 401
+    request = urllib.request.Request(strict_server.base_url + "/metrics", headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200 and b"stt_sessions_open" in response.read()
 
 
 def test_pages_from_other_origins_are_refused(server):
