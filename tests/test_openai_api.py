@@ -295,6 +295,9 @@ def test_a_live_speaker_keeps_getting_partials_while_a_file_is_decoded(api):
 
     during, final, text = asyncio.run(scenario())
     steps = metric(api, "stt_model_seconds_count", kind="upload") - steps_before
-    assert "fellow americans" in text.lower() and steps >= 6
+    # The first file's words and the third's, which ends the 30 s the decode always reads: whether
+    # greedy Whisper (offline as here) reads on into the last file or seeks past it falls with the
+    # numerics from one run to the next (in a fresh server it stopped at 30.5 s every time).
+    assert "excuse me" in text.lower() and "thinking about" in text.lower() and steps >= 6, text
     assert during >= 2, f"{during} partials while the upload ran"
     assert final["text"]
