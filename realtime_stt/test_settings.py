@@ -59,3 +59,32 @@ def test_wyoming_settings():
     for value in ("0", "70000", "ten"):
         with pytest.raises(SettingsError, match="WYOMING_PORT"):
             Settings.from_env({"WYOMING_PORT": value})
+
+
+def test_readmes_settings_table_names_every_setting_with_its_default():
+    """README's Settings table is the user's contract: every variable from_env reads, no other, each
+    with the default Settings has (a computed or calibrated one in words, not as a fixed value)."""
+    import inspect
+    import os
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", table, re.M))
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', inspect.getsource(Settings.from_env)))
+    assert set(rows) == read, (sorted(set(rows) - read), sorted(read - set(rows)))
+    defaults = {f.name: getattr(Settings(), f.name) for f in fields(Settings)}
+    for name, cell in rows.items():
+        default, given = defaults[name.lower()], re.match(r"`([^`]*)`", cell.strip())
+        if default is None or (name == "CPU_THREADS" and default == os.cpu_count()):
+            assert given is None, (name, cell)  # no fixed value to claim
+        elif isinstance(default, bool):
+            assert given and given[1] == str(default).lower(), (name, cell)
+        elif isinstance(default, (int, float)):
+            assert given and float(given[1]) == default, (name, cell, default)
+        elif isinstance(default, tuple):
+            assert given and given[1] == ",".join(default), (name, cell, default)
+        else:
+            assert given and given[1] == default, (name, cell, default)
