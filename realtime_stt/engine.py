@@ -41,7 +41,7 @@ SPECULATE_MAX_LOAD = 0.6
 BATCH_GATHER_SECONDS = 0.04
 LAG_WINDOW_SECONDS = 5.0
 # While live speakers stream, uploads get at most this share of a worker's time: on a small machine
-# an upload running flat out takes a core the live partials and finals share (README).
+# an upload running flat out takes a core the live partials and finals share (docs/design.md).
 UPLOAD_SHARE_WHILE_LIVE = 0.1
 _NO_AUDIO = np.zeros(0, dtype=np.float32)  # an upload step carries its own work, not audio
 
@@ -75,7 +75,7 @@ class Engine:
 
     The partials that are due from all sessions run as one batch. On CPU two workers, each with
     half the threads, run two model calls side by side: Whisper's decoder steps are too small to
-    gain from more threads, so two calls at once nearly double the throughput (README), and with
+    gain from more threads, so two calls at once nearly double the throughput (docs/design.md), and with
     the last worker taking only finals a final need not wait for a partial batch. A job whose
     requester no longer wants it (a partial overtaken by the final, a client that left) is dropped
     when its turn comes, not run.

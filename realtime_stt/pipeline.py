@@ -166,7 +166,7 @@ class Pipeline:
     # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: the
     # committed words plus the tail lose words LocalAgreement dropped early. FINAL_MODE=auto does so
     # up to one Whisper window and keeps the tail beyond, bounding the final's cost; tail always
-    # does. No silence is padded after the last sample: it raised the final WER (README).
+    # does. No silence is padded after the last sample: it raised the final WER (docs/design.md).
     FULL_FINAL_SECONDS = 30.0
     # Greedy Whisper sometimes ends a window's decode early and seeks past the speech after it.
     # Speech heard this long after the final's last word is decoded once more and added; Whisper's

@@ -58,7 +58,7 @@ class LanguageGuess:
     """An utterance's language, guessed from the partial decodes' detections until it is settled.
 
     Whisper's detection on a second of speech is often wrong, and sometimes sure of it; with more
-    speech it is right, and sure when right (``python -m bench.language``, README). It is
+    speech it is right, and sure when right (``python -m bench.language``, docs/design.md). It is
     settled by the first detection on at least SURE_SPEECH seconds of speech with SURE_PROBABILITY,
     or else, once MOST_SPEECH seconds were heard or the window is full, on the language with the
     most evidence (probability times speech, summed over the detections). Until then partials
@@ -197,7 +197,7 @@ class LocalAgreement:
         return forced
 
     # Shown tentative words stop before the first doubtful or cut-off one: showing every tentative
-    # word rewrites shown words many times as often, for a few points of coverage (README). The
+    # word rewrites shown words many times as often, for a few points of coverage (docs/design.md). The
     # newest word is most often the one the audio cut in half, so it is held back unless the decoder
     # is sure of it and audio after it was heard: then it was whole, and a word shown sooner.
     SHOW_MIN_PROBABILITY = 0.7

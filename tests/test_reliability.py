@@ -239,7 +239,7 @@ def test_a_client_that_never_reads_costs_no_memory_and_delays_no_one(tmp_path):
         assert cadence[int(0.95 * (len(cadence) - 1))] <= 1.0, cadence[-5:]
         assert all(wer(manifest()[n]["text"], r.final["text"]) <= WER_BOUND + 0.13 for n, r in zip((SPEECH, SHORT), reader))
         # The model's allocations saw RSS up and down by about 15 % from one second to the next
-        # (README, soak); what a client that never reads could pile up is far more than that.
+        # (bench/results/history.md, Soak); what a client that never reads could pile up is far more than that.
         assert rss_late - rss_early < 0.25 * rss_early, (rss_early, rss_late)
 
         async def floods():
