@@ -101,17 +101,23 @@ async def _speak(ws, utterance: Utterance, speed: float, first: list[str], frame
             pass
 
     receiver = asyncio.create_task(receive())
-    for message in first:
-        await ws.send(message)
-    start = utterance.first_audio = time.monotonic()
-    for index, frame in enumerate(frames):
-        if speed > 0:  # pace by the clock, so a slow send does not stretch the audio
-            await asyncio.sleep(max(0.0, start + index * FRAME_SECONDS / speed - time.monotonic()))
-        await ws.send(frame)
-    if speed > 0:
-        await asyncio.sleep(max(0.0, start + seconds / speed - time.monotonic()))
-    utterance.stop_sent = time.monotonic()
-    await ws.send(stop)
+    try:
+        for message in first:
+            await ws.send(message)
+        start = utterance.first_audio = time.monotonic()
+        for index, frame in enumerate(frames):
+            if speed > 0:  # pace by the clock, so a slow send does not stretch the audio
+                await asyncio.sleep(max(0.0, start + index * FRAME_SECONDS / speed - time.monotonic()))
+            await ws.send(frame)
+        if speed > 0:
+            await asyncio.sleep(max(0.0, start + seconds / speed - time.monotonic()))
+        utterance.stop_sent = time.monotonic()
+        await ws.send(stop)
+    except BaseException:
+        # The socket closed under the sender (a refusal, say): the receiver saw the same close.
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+        raise
     await asyncio.wait_for(receiver, timeout=300)
 
 
