@@ -98,15 +98,10 @@ def test_partials_are_in_the_spoken_language_from_the_first_words(spoken):
 
 
 def test_finals_without_a_language_are_as_accurate_as_with_it(base_server):
-    # Both as fast as the socket takes the audio, all files at once: the same finals' path for both
-    # (in real time a final may be the speculative one or read on from the partials' words).
+    # Both as fast as the socket takes the audio: the same finals' path for both (in real time a
+    # final may be the speculative one or read on from the partials' words).
     auto = run(stream_all(base_server.ws_url, FILES, realtime=0, waves=1))
-
-    async def each_with_its_language():
-        runs = await asyncio.gather(*(stream_all(base_server.ws_url, (name,), config={"language": language_of(name)}, realtime=0, waves=1) for name in FILES))
-        return {name: by_name[name] for name, by_name in zip(FILES, runs)}
-
-    given = run(each_with_its_language())
+    given = {name: run(stream_all(base_server.ws_url, (name,), config={"language": language_of(name)}, realtime=0, waves=1))[name] for name in FILES}
     triples = {
         kind: [(manifest()[name]["text"], runs[name].final["text"], language_of(name)) for name in FILES]
         for kind, runs in (("auto", auto), ("given", given))
