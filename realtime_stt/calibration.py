@@ -31,6 +31,10 @@ from realtime_stt.capacity import (
 from realtime_stt.decoder import BUSY_PARTIAL_ENCODER, N_FRAMES, Decoder, device_of, speech_chunks
 from realtime_stt.settings import SAMPLE_RATE, Settings
 
+# A real final costs this many times the encode and tokens timed here: the VAD over the whole
+# utterance, temperature fallback and the word alignment of real text come on top (the live finals
+# cost 2.4-3.0 times the timed prediction in tiny.en's runs on 2 cores; bench/results/README.md).
+FINAL_WORK = 2.5
 PROBE_BATCH = {"cpu": 8, "cuda": 32}  # the batch calibration measures at, unless MAX_BATCH is set
 
 
@@ -166,8 +170,8 @@ def measure(decoder: Decoder, batch: int) -> Costs:
     return Costs(
         partial_fixed=max(0.0, partial_1 - row),
         partial_row=row,
-        final_fixed=encode_1 * N_FRAMES / width,
-        final_per_second=TOKENS_PER_SECOND * per_token + vad_features / 6,
+        final_fixed=FINAL_WORK * encode_1 * N_FRAMES / width,
+        final_per_second=FINAL_WORK * (TOKENS_PER_SECOND * per_token + vad_features / 6),
     )
 
 
