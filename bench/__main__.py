@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, push_to_talk, resolve_model
+from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, plans_for, push_to_talk, resolve_model
+from bench.overhead import MODEL as OVERHEAD_MODEL
+from bench.overhead import run_overhead
 from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
 from bench.server import Server, attach, health, model_seconds, model_time_per_call, serve
 from bench.soak import soak
@@ -59,19 +61,6 @@ def sweep(server: Server, items: list[Item], args: argparse.Namespace, partial_e
     return levels
 
 
-def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item]]:
-    """Each client's files: about ``seconds`` of audio, each client starting one file further on."""
-    plans = []
-    for client_index in range(streams):
-        plan, total, k = [], 0.0, client_index
-        while total < seconds:
-            plan.append(items[k % len(items)])
-            total += items[k % len(items)].duration
-            k += 1
-        plans.append(plan)
-    return plans
-
-
 def level(server: Server, items: list[Item], args: argparse.Namespace, partial_every: float, streams: int, spoken: dict) -> dict:
     """One sweep level: ``streams`` real-time clients, each about --sweep-seconds of audio."""
     plans = plans_for(push_to_talk(items), streams, args.sweep_seconds)
@@ -92,7 +81,7 @@ def level(server: Server, items: list[Item], args: argparse.Namespace, partial_e
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny.en", help="tiny.en, base, or any MODEL_ID (default tiny.en)")
+    parser.add_argument("--model", help="tiny.en, base, or any MODEL_ID (default tiny.en; random:near-free with --overhead)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
     parser.add_argument("--languages", help="comma-separated; default: en for English-only models, else all")
     parser.add_argument("--files", help="comma-separated audio names from the manifest (default all)")
@@ -106,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time, 2 = twice as fast, 0 = no pacing")
     parser.add_argument("--sweep", action="store_true", help="also find streams per machine")
     parser.add_argument("--max-streams", type=int, default=16)
-    parser.add_argument("--sweep-seconds", type=float, default=40.0, help="audio per client per sweep level")
+    parser.add_argument("--sweep-seconds", type=float, help="audio per client per sweep level (default 40; 30 with --overhead)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--compute-type", default="int8_float32")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="the server's DEVICE")
@@ -135,6 +124,11 @@ def parse_args() -> argparse.Namespace:
         help="instead of one pass: --streams real-time streams alone, then beside uploads of MINUTES of speech (bench/upload.py)",
     )
     parser.add_argument("--live-seconds", type=float, default=180.0, help="audio per live client with --upload-minutes")
+    parser.add_argument(
+        "--overhead", action="store_true",
+        help="instead of one pass: the server's own CPU per stream-second on a near-free model, streams swept (bench/overhead.py)",
+    )
+    parser.add_argument("--levels", help="with --overhead: comma-separated stream counts (default 8,16,32,64,128)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
     parser.add_argument(
@@ -143,6 +137,8 @@ def parse_args() -> argparse.Namespace:
              "starting one: its settings are its own, and its CPU and memory are not measured",
     )
     args = parser.parse_args()
+    args.model = args.model or (OVERHEAD_MODEL if args.overhead else "tiny.en")
+    args.sweep_seconds = args.sweep_seconds or (30.0 if args.overhead else 40.0)
     if args.url and (args.soak or args.admission or args.env):
         parser.error("--url measures a server as it runs: no --soak, --admission or --env with it")
     return args
@@ -193,6 +189,9 @@ def main() -> None:
         return
     if args.admission:
         run_admission(args, model_id, items, env, tag)
+        return
+    if args.overhead:
+        run_overhead(args, model_id, items, env, tag)
         return
     if args.starts:
         run_starts(args, model_id, env, tag)

@@ -97,6 +97,19 @@ def read_pcm(path: Path) -> bytes:
         return wav.readframes(wav.getnframes())
 
 
+def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item]]:
+    """Each client's files: about ``seconds`` of audio, each client starting one file further on."""
+    plans = []
+    for client_index in range(streams):
+        plan, total, k = [], 0.0, client_index
+        while total < seconds:
+            plan.append(items[k % len(items)])
+            total += items[k % len(items)].duration
+            k += 1
+        plans.append(plan)
+    return plans
+
+
 LONGEST = 30.0  # seconds: the longest push-to-talk utterance
 
 

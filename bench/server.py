@@ -165,6 +165,15 @@ def model_seconds(server: Server) -> dict[str, tuple[float, float]]:
     return {kind: (seconds, calls) for kind, (seconds, calls) in totals.items()}
 
 
+def model_cpu_seconds(server: Server) -> float | None:
+    """/metrics' CPU time of the model's own threads so far (None where the server has no such series)."""
+    with urllib.request.urlopen(f"http://{server.url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("stt_model_cpu_seconds_total "):
+                return float(line.split()[1])
+    return None
+
+
 def model_time_per_call(before: dict, after: dict) -> dict[str, float | None]:
     """Mean seconds a model call of each kind took between two readings of model_seconds."""
     means = {}

@@ -7,6 +7,9 @@ Every counter the server keeps lives here, once: `/metrics` exposes them all, an
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -82,6 +85,7 @@ class Metrics:
         self.upload_audio_seconds = Counter(
             "stt_upload_audio_seconds", "Seconds of uploaded audio transcribed", registry=registry
         )
+        registry.register(_ModelThreadsCpu())
         tasks = Gauge("stt_asyncio_tasks", "asyncio tasks alive in the server's event loop", registry=registry)
         tasks.set_function(lambda: len(asyncio.all_tasks()) if _loop_running() else 0)
         for kind in MODEL_KINDS:  # every labelled series exists from the start, at 0
@@ -110,6 +114,36 @@ class Metrics:
             "skipped_speech_decodes": int(value("stt_skipped_speech_decodes_total") or 0),
             "partial_batches_helped": int(value("stt_partial_batches_helped_total") or 0),
         }
+
+
+class _ModelThreadsCpu:
+    """CPU seconds of the process's threads that run no Python: CTranslate2's own (the model runs
+    there, the Python thread that called it waits). What the model costs in CPU, apart from the
+    server's own work around its calls; the calls' wall time (stt_model_seconds) also counts the
+    waits for a busy core. Linux only (/proc); elsewhere the series is absent."""
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily
+
+        tasks = "/proc/self/task"
+        if not os.path.isdir(tasks):
+            return
+        python = {thread.native_id for thread in threading.enumerate()}
+        ticks, total = os.sysconf("SC_CLK_TCK"), 0.0
+        for tid in os.listdir(tasks):
+            if int(tid) in python:
+                continue
+            try:
+                with open(f"{tasks}/{tid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        family = CounterMetricFamily(
+            "stt_model_cpu_seconds", "CPU time of the threads the model computes on (no Python runs there)"
+        )
+        family.add_metric([], total)
+        yield family
 
 
 def _loop_running() -> bool:
