@@ -25,7 +25,7 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
                  a thin adapter that converts any PCM format to the pipeline's, feeds it, and sends
                  newly committed words as transcript chunks, then the final; bounded, with the
                  same admission and drain as ``/ws``.
-- ``pipeline``   one speaker's utterances, with no knowledge of sockets or JSON: the audio buffer,
+- ``pipeline``   one speaker's utterances, with no knowledge of sockets or JSON: the audio,
                  partials on a shared clock grid, the speculative final, the final and its
                  read-on after a skipped stretch.
 - ``engine``     the one shared model's queue and inference workers: finals before partials before
@@ -40,14 +40,20 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
 - ``audio_file`` an uploaded file read with PyAV as faster-whisper reads one, counted as it goes.
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a
                  detected language is settled, guards against loops and re-read words.
-- ``vad``        Silero speech activity, scored as the audio arrives.
+- ``frontend``   an utterance's audio buffer, and every session's new audio scored in rounds, one
+                 worker-thread call for all: the VAD scores and log-mel frames each utterance keeps.
+- ``features``   Whisper's log-mel frames, each computed once and kept; a partial window's
+                 features are its kept frames, its edges computed again (equal to faster-whisper's).
+- ``vad``        Silero speech activity, scored as the audio arrives, and a window's speech chunks
+                 found from those scores.
 - ``metrics``    every counter the server keeps, as Prometheus metrics (``/health`` reads them too).
 - ``words``, ``settings``   the Word type and the environment's settings, used by all the above.
 
 How audio becomes text: a binary frame reaches ``protocol``, which hands it to ``pipeline.feed``.
-The pipeline's speech watcher scores it with ``vad``; its partial-maker wakes on the next grid
-point and submits the current window to the ``engine`` queue, where a worker batches it with the
-other sessions' windows and runs ``decoder.decode_batch`` in a thread. The words come back to the
+The pipeline's speech watcher has it scored (``vad``) and its log-mel frames kept (``features``) in
+the engine's ``frontend``; its partial-maker wakes on the next grid point and submits the current
+window to the ``engine`` queue, where a worker batches it with the other sessions' windows and runs
+``decoder.decode_batch`` in a thread. The words come back to the
 pipeline, ``policy`` decides what is committed and shown, and the ``Partial`` goes through the
 callback to ``protocol``, which sends the JSON. On stop, ``pipeline.finish`` decodes the whole
 utterance again (or takes the decode it started during the last pause) and the ``final`` goes out.

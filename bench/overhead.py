@@ -2,6 +2,7 @@
 
     python -m bench --overhead                       # 8, 16, 32, 64, 128 streams, 30 s each
     python -m bench --overhead --levels 4,8 --sweep-seconds 10
+    python -m bench --overhead --url 127.0.0.1:8716  # replicas behind HAProxy: streams held only
 
 The model is bench/shapes.py's "near-free" shape (random weights, one layer each side, 32 wide): its
 calls cost a few ms of CPU a window (most of it the word alignment and the projection onto Whisper's
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from bench.data import Item, plans_for, push_to_talk
 from bench.report import environment, pooled, utterance_figures
-from bench.server import Server, health, model_cpu_seconds, model_seconds, serve
+from bench.server import Server, attach, health, model_cpu_seconds, model_seconds, serve
 from bench.stream import run_streams
 
 logger = logging.getLogger("bench")
@@ -65,12 +66,14 @@ def level(server: Server, items: list[Item], streams: int, seconds: float, parti
     utterances = _stream(server.url, plans, f"{streams} streams")
     wall = time.monotonic() - wall
     client_cpu = time.process_time() - client_before
-    cpu, models_after, model_cpu = server.cpu_seconds() - cpu_before, model_seconds(server), model_cpu_seconds(server)
+    cpu_after, models_after, model_cpu = server.cpu_seconds(), model_seconds(server), model_cpu_seconds(server)
     wall_model = sum(s - models_before.get(kind, (0.0, 0.0))[0] for kind, (s, _) in models_after.items())
     calls = {kind: int(n - models_before.get(kind, (0.0, 0.0))[1]) for kind, (_, n) in models_after.items()}
     # The model's CPU where the server counts it; else its calls' wall time, which on a busy machine
-    # also counts their waits for a core (and can exceed the server's CPU time).
+    # also counts their waits for a core (and can exceed the server's CPU time). Behind a balancer
+    # (--url) neither the servers' CPU nor their model's is seen whole: no CPU figure is made.
     model = model_cpu - model_cpu_before if model_cpu is not None and model_cpu_before is not None else wall_model
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     rows = [utterance_figures(u) for u in utterances]
     figures = pooled(rows, {i.name: i for i in items})
     audio = sum(r["duration_s"] for r in rows if "error" not in r)
@@ -85,13 +88,13 @@ def level(server: Server, items: list[Item], streams: int, seconds: float, parti
         "holds": holds,
         "stream_seconds": round(audio, 1),
         "wall_s": round(wall, 1),
-        "server_cpu_s": round(cpu, 2),
-        "model_cpu_s": round(model, 2),
-        "model_calls_wall_s": round(wall_model, 2),
-        "model_calls": calls,
-        "server_cpu_ms_per_stream_second": round(1000 * (cpu - model) / audio, 2) if audio else None,
-        "server_cpu_all_ms_per_stream_second": round(1000 * cpu / audio, 2) if audio else None,
-        "server_cores_busy": round(cpu / wall, 2),
+        "server_cpu_s": round(cpu, 2) if cpu is not None else None,
+        "model_cpu_s": round(model, 2) if cpu is not None else None,
+        "model_calls_wall_s": round(wall_model, 2) if cpu is not None else None,
+        "model_calls": calls if cpu is not None else None,
+        "server_cpu_ms_per_stream_second": round(1000 * (cpu - model) / audio, 2) if audio and cpu is not None else None,
+        "server_cpu_all_ms_per_stream_second": round(1000 * cpu / audio, 2) if audio and cpu is not None else None,
+        "server_cores_busy": round(cpu / wall, 2) if cpu is not None else None,
         "client_cpu_s": round(client_cpu, 2),
         "client_cores_busy": round(client_cpu / wall, 2),
         "partials_per_stream_second": round(partials / audio, 2) if audio else None,
@@ -99,7 +102,7 @@ def level(server: Server, items: list[Item], streams: int, seconds: float, parti
                                    "cadence_p50_s", "cadence_p95_s", "first_text_p50_s")},
     }
     logger.info(
-        "%d streams: %s ms CPU per stream-second outside model calls (%s in all), server %.2f cores, client %.2f "
+        "%d streams: %s ms CPU per stream-second outside model calls (%s in all), server %s cores, client %.2f "
         "cores; final p95 %.2f s, cadence p95 %.2f s -> %s", streams, result["server_cpu_ms_per_stream_second"],
         result["server_cpu_all_ms_per_stream_second"], result["server_cores_busy"], result["client_cores_busy"],
         figures["final_latency_p95_s"] or 0, figures["cadence_p95_s"] or 0, "holds" if holds else "gives",
@@ -150,13 +153,14 @@ def run_overhead(args: argparse.Namespace, model_id: str, items: list[Item], env
     items = push_to_talk(items)
     seconds = args.sweep_seconds
     levels: list[dict] = []
-    with serve(model_id, env, args.out / f"{tag}-server.log") as server:
+    with attach(args.url) if args.url else serve(model_id, env, args.out / f"{tag}-server.log") as server:
         server_health = health(server)
         partial_every = server_health["partial_every_ms"] / 1000
         for streams in levels_asked:
             levels.append(level(server, items, streams, seconds, partial_every))
             result = {
-                "environment": {**environment(args, model_id, server_health), "load_average": os.getloadavg()},
+                "environment": {**environment(args, model_id, server_health), "url": args.url,
+                                "load_average": os.getloadavg()},
                 "calibration": server_health.get("calibration"),
                 "sweep_seconds": seconds,
                 "levels": levels,

@@ -29,6 +29,7 @@ from realtime_stt.capacity import (
     within_bounds,
 )
 from realtime_stt.decoder import BUSY_PARTIAL_ENCODER, N_FRAMES, Decoder, device_of, speech_chunks
+from realtime_stt.features import MelFrames, log_mel, window_features
 from realtime_stt.settings import SAMPLE_RATE, Settings
 
 # A real final costs this many times the encode and tokens timed here: the VAD over the whole
@@ -157,14 +158,21 @@ def measure(decoder: Decoder, batch: int) -> Costs:
     # The generate and alignment of a full batch read a batch of encoder outputs: on CPU the one
     # window's, repeated (encoding a batch there would time what the encode above already did).
     many = ctranslate2.StorageView.from_array(np.repeat(np.asarray(one), batch, axis=0)) if pairs else encode(batch)
+    # A final scores and computes features of its whole audio; a partial window takes both from what
+    # its session kept as the audio came (features.py), which leaves the features' edges to compute.
     vad_features = _seconds(lambda: (speech_chunks(window), model.feature_extractor(window)))
+    filters = model.feature_extractor.mel_filters
+    mel = MelFrames(filters)
+    mel.add(log_mel(mel.frames_to_add(window, 0), filters))
+    kept = mel.snapshot()
+    kept_features = _seconds(lambda: window_features(kept, window, 0, [(0, window.size)], filters))
     encode_1 = _seconds(lambda: encode(1))
     encode_many = _seconds(lambda: encode(2)) * math.ceil(batch / 2) if pairs else _seconds(lambda: encode(batch))
     generate_1, generate_many = _seconds(lambda: generate(one, 1)), _seconds(lambda: generate(many, batch))
     align_1 = _seconds(lambda: model.find_alignment(tokenizer, [text], one, [500]))
     align_many = _seconds(lambda: model.find_alignment(tokenizer, [text] * batch, many, [500] * batch))
-    partial_1 = vad_features + encode_1 + generate_1 + align_1
-    partial_many = batch * vad_features + encode_many + generate_many + align_many
+    partial_1 = kept_features + encode_1 + generate_1 + align_1
+    partial_many = batch * kept_features + encode_many + generate_many + align_many
     row = max(0.0, (partial_many - partial_1) / (batch - 1)) if batch > 1 else partial_1
     per_token = (generate_1 + align_1) / PARTIAL_TOKENS
     return Costs(

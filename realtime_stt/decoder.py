@@ -41,6 +41,8 @@ from faster_whisper.vad import (
 )
 from threadpoolctl import threadpool_limits
 
+from realtime_stt.features import window_features
+from realtime_stt.frontend import Heard
 from realtime_stt.settings import SAMPLE_RATE, Settings
 from realtime_stt.vad import VAD_OPTIONS
 from realtime_stt.words import Word, join_words
@@ -269,35 +271,43 @@ class Decoder:
         )
         return (_segment(s) for s in restore_speech_timestamps(segments, chunks, SAMPLE_RATE))
 
-    def decode_batch(self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions]) -> list[Transcript]:
+    def decode_batch(
+        self, audios: Sequence[np.ndarray], each: Sequence[DecodeOptions], heard: Sequence[Heard | None] | None = None
+    ) -> list[Transcript]:
         """Decode several sessions' windows (at most 30 s each) in one batch.
 
         What ``transcribe`` does for one window, done for all at once: VAD, log-mel features padded
         to one width, one encode, language detection for the windows that name none, one greedy
         generate (without timestamp tokens: word alignment gives the times), one word alignment per
-        language. The decoder dominates a partial's cost, and a batch of 8 costs it about 3 times one
-        (tiny.en, 2 cores).
+        language. A batch of 8 costs the decoder about 3 times one (tiny.en, 2 cores). A window that
+        comes with what its session ``heard`` takes its VAD and features from there (features.py).
         """
+        heard = heard or [None] * len(audios)
         options = each[0]  # task, beam size and encoder span are the same for all
         text_tokenizer = self._tokenizer(options.task, options.language or "en")  # encoding is language-free
         results = [Transcript((), item.language, language_probability=0.0) for item in each]
         busy = len(audios) > 2  # a batch this big means load: cadence comes first
         rows = []
-        for index, (audio, item) in enumerate(zip(audios, each)):
-            chunks = speech_chunks(audio)
+        for index, (audio, item, seen) in enumerate(zip(audios, each, heard)):
+            chunks = speech_chunks(audio) if seen is None else seen.spans(audio.size)
             if chunks:  # else silence: nothing to decode
                 previous = text_tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
-                rows.append((index, audio, item, chunks, previous))
+                rows.append((index, audio, item, chunks, previous, seen))
         # CTranslate2 wants the start-of-transcript token at one position in the whole batch, so
         # prompts are cut to a few lengths (the latest tokens kept) and batched per length. A busy
         # batch cuts them all to its shortest, for one generate.
-        common = min((len(previous) for *_, previous in rows), default=0) if busy else MAX_TOKENS
+        common = min((len(row[4]) for row in rows), default=0) if busy else MAX_TOKENS
         groups: dict[int, list[_Voiced]] = {}
-        for index, audio, item, chunks, previous in rows:
+        filters = self.model.feature_extractor.mel_filters
+        for index, audio, item, chunks, previous, seen in rows:
             keep = max(n for n in PROMPT_BUCKETS if n <= min(len(previous), common))
+            spans = [(c["start"], c["end"]) for c in chunks]
+            features = (window_features(seen.kept, audio, seen.start, spans, filters) if seen is not None else
+                        self.model.feature_extractor(np.concatenate([audio[a:b] for a, b in spans]))[:, :-1])
             voiced = _Voiced(
                 index,
-                np.concatenate([audio[c["start"] : c["end"]] for c in chunks]),
+                features,
+                sum(c["end"] - c["start"] for c in chunks),
                 SpeechTimestampsMap(chunks, SAMPLE_RATE),
                 previous[len(previous) - keep :],
                 item.max_new_tokens or MAX_TOKENS // 2,
@@ -314,7 +324,7 @@ class Decoder:
         return Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
 
     def _decode_group(self, group: Sequence[_Voiced], options: DecodeOptions, span: EncoderSpan | None) -> list[Transcript]:
-        features = [self.model.feature_extractor(v.audio)[:, :-1] for v in group]
+        features = [v.features for v in group]
         frames = [f.shape[-1] for f in features]
         encoded, borrowed = self._encode(features, span)  # borrowed: memory the encoder output uses
         languages = self._languages(group, encoded)
@@ -327,7 +337,7 @@ class Decoder:
                 _aligned_words(voiced.time_map, alignment),
                 language,
                 language_probability=probability,
-                speech_seconds=voiced.audio.size / SAMPLE_RATE if tokens else 0.0,
+                speech_seconds=voiced.samples / SAMPLE_RATE if tokens else 0.0,
             )
             for voiced, tokens, alignment, (language, probability) in zip(group, texts, alignments, languages)
         ]
@@ -403,10 +413,11 @@ class Decoder:
 
 @dataclass(frozen=True)
 class _Voiced:
-    """One window of a batch after VAD: its speech alone, and the map back to the window's times."""
+    """One window of a batch after VAD: its speech's features, and the map back to the window's times."""
 
     index: int
-    audio: np.ndarray
+    features: np.ndarray  # log-mel of its speech alone (mels x frames)
+    samples: int  # of speech
     time_map: SpeechTimestampsMap
     previous: list[int]  # prompt tokens
     budget: int

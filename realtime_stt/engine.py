@@ -22,6 +22,7 @@ import numpy as np
 from realtime_stt.calibration import Plan, calibrate, working_settings
 from realtime_stt.capacity import LiveCosts, capacity, loaded, partial_interval
 from realtime_stt.decoder import DecodeOptions, Segment, Transcript, speech_chunks
+from realtime_stt.frontend import Frontend, Heard
 from realtime_stt.metrics import Metrics
 from realtime_stt.settings import SAMPLE_RATE, Settings
 
@@ -58,6 +59,7 @@ class Job:
     started: bool = field(default=False, compare=False)  # the worker has taken it; it will run
     submitted: float = field(default=0.0, compare=False)  # loop time it was queued
     work: Callable[[], Any] | None = field(default=None, compare=False)  # an upload's step, in place of a decode
+    heard: Heard | None = field(default=None, compare=False)  # a partial's VAD and features, computed as the audio came
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Engine:
         self.device, self.workers = self.decoder.device, self.decoder.workers
         self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
         self.can_translate = self.decoder.can_translate
+        # Every session's VAD and log-mel frames, in rounds over all of them (frontend.py).
+        self.frontend = Frontend(self.decoder.model.feature_extractor.mel_filters)
         metrics.queue_depth.set_function(lambda: len(self._queue))
         self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
         self._queued = asyncio.Event()
@@ -113,6 +117,7 @@ class Engine:
             asyncio.create_task(self._work(finals_only=0 < index == self.workers - 1), name=f"inference-worker-{index}")
             for index in range(self.workers)
         ]
+        self._workers.append(asyncio.create_task(self.frontend.run(), name="frontend"))
 
     async def close(self) -> None:
         for worker in self._workers:
@@ -127,9 +132,10 @@ class Engine:
         priority: int,
         is_stale: Callable[[], bool] = lambda: False,
         requester: object = None,
+        heard: Heard | None = None,
     ) -> Transcript | None:
         """Queue a decode; None when the job went stale before its turn."""
-        return await self.submit(audio, options, priority=priority, is_stale=is_stale, requester=requester).future
+        return await self.submit(audio, options, priority=priority, is_stale=is_stale, requester=requester, heard=heard).future
 
     def submit(
         self,
@@ -139,10 +145,13 @@ class Engine:
         priority: int,
         is_stale: Callable[[], bool],
         requester: object = None,
+        heard: Heard | None = None,
     ) -> Job:
-        """Queue a decode and return at once; its future gives the transcript, or None if it went stale."""
+        """Queue a decode and return at once; its future gives the transcript, or None if it went stale.
+        ``heard``: a partial window's VAD and features as its session computed them."""
         loop = asyncio.get_running_loop()
-        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester, submitted=loop.time())
+        job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester,
+                  submitted=loop.time(), heard=heard)
         if priority == PRIORITY_PARTIAL:
             self._streaming()
             self._partial_asked[requester] = loop.time()
@@ -346,7 +355,9 @@ class Engine:
         self._partial_rows_running += rows
         try:
             if _batchable(batch[0]):
-                results = await asyncio.to_thread(self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch])
+                results = await asyncio.to_thread(
+                    self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch], [j.heard for j in batch]
+                )
             else:
                 results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options)]
         except Exception as exc:  # handed to the sessions that asked, which report it

@@ -20,9 +20,11 @@ import numpy as np
 
 from realtime_stt.decoder import PARTIAL_ENCODER, DecodeOptions, Transcript, token_budget
 from realtime_stt.engine import PRIORITY_FINAL, PRIORITY_PARTIAL, PRIORITY_SPECULATIVE, Engine, Job
+from realtime_stt.features import MelFrames, window_grid
+from realtime_stt.frontend import AudioBuffer, Heard
 from realtime_stt.policy import LanguageGuess, LocalAgreement, repeated_head, repetition_start, without_rereading
 from realtime_stt.settings import SAMPLE_RATE, Settings
-from realtime_stt.vad import VAD_FRAME, SpeechActivity, VadState, speech_probabilities
+from realtime_stt.vad import VAD_FRAME, SpeechActivity, VadState
 from realtime_stt.words import Word, join_words, shift
 
 
@@ -85,36 +87,6 @@ class Final:
     duration_s: float
 
 
-class AudioBuffer:
-    """Utterance audio as a list of int16 chunks, trimmed from the front, concatenated on demand."""
-
-    def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
-        self.start = 0  # sample index (from the utterance start) of the first sample kept
-        self.end = 0  # samples received so far
-
-    def append(self, samples: np.ndarray) -> None:
-        if samples.size:
-            self._chunks.append(samples)
-            self.end += samples.size
-
-    def since(self, sample: int) -> np.ndarray:
-        """float32 audio from ``sample`` (clamped to what is kept) to the end."""
-        skip, first = max(0, sample - self.start), 0
-        while first < len(self._chunks) and skip >= self._chunks[first].size:
-            skip -= self._chunks[first].size
-            first += 1
-        if first == len(self._chunks):
-            return np.zeros(0, dtype=np.float32)
-        audio = np.concatenate(self._chunks[first:])[skip:]
-        return audio.astype(np.float32) / 32768.0
-
-    def trim(self, sample: int) -> None:
-        """Drop whole chunks that end before ``sample``."""
-        while self._chunks and self.start + self._chunks[0].size <= sample:
-            self.start += self._chunks.pop(0).size
-
-
 @dataclass(frozen=True)
 class Speculation:
     """A whole-utterance final decoded during a pause, for a stop that comes before more speech."""
@@ -133,6 +105,7 @@ class Utterance:
     settled: bool = False  # the last partial decode came after the speaker had stopped
     speculation: Speculation | None = None
     language: LanguageGuess = field(default_factory=LanguageGuess)
+    mel: MelFrames | None = None  # the log-mel frames, kept as the audio is scored (features.py)
 
     @property
     def seconds(self) -> float:
@@ -251,7 +224,8 @@ class Pipeline:
 
     def _new_utterance(self) -> Utterance:
         language = self.options.language
-        return Utterance(LocalAgreement(self.settings.window_seconds), language=LanguageGuess(language, language is not None))
+        return Utterance(LocalAgreement(self.settings.window_seconds), language=LanguageGuess(language, language is not None),
+                         mel=MelFrames(self.engine.frontend.filters))
 
     def _window_options(self, utterance: Utterance, seconds: float, *, final: bool) -> DecodeOptions:
         return DecodeOptions(
@@ -298,7 +272,7 @@ class Pipeline:
     async def _partial(self) -> None:
         utterance = self.utterance
         audio_end, arrived = utterance.audio.end, utterance.arrived
-        window_start = utterance.window_start
+        window_start = window_grid(utterance.window_start)  # where the kept log-mel frames lie
         if self._finalizing or audio_end <= utterance.decoded_until:
             return
         if (audio_end - window_start) / SAMPLE_RATE < self.MIN_PARTIAL_SECONDS:
@@ -316,12 +290,14 @@ class Pipeline:
             return
         audio = utterance.audio.since(window_start)[: audio_end - window_start]
         self.engine.metrics.partial_window.observe(audio.size / SAMPLE_RATE)
+        heard = Heard(window_start, utterance.speech.scores(), utterance.mel.snapshot())  # its VAD and features
         transcript = await self.engine.transcribe(
             audio,
             self._window_options(utterance, audio.size / SAMPLE_RATE, final=False),
             priority=PRIORITY_PARTIAL,
             is_stale=lambda: self._closed or self._finalizing or self.utterance is not utterance,
             requester=self,
+            heard=heard,
         )
         if transcript is None or self._finalizing or self.utterance is not utterance:
             return  # overtaken by the final: a partial after it would be stale
@@ -341,6 +317,7 @@ class Pipeline:
                       commit=settled or not transcript.words, span=span)
         if not self._final_decodes_whole(utterance):
             utterance.audio.trim(utterance.window_start)
+        utterance.mel.trim(window_grid(utterance.window_start))  # no later window reads frames before it
         await self._publish(self._partial_of(utterance, arrived))
 
     @staticmethod
@@ -365,22 +342,21 @@ class Pipeline:
             self._maybe_speculate(utterance)
 
     async def _score_speech(self, utterance: Utterance) -> None:
-        """Score the audio that arrived since the last call (in a worker thread; a few ms a second)."""
+        """Score the audio that came since the last call and keep its log-mel frames (frontend.py)."""
         async with self._scoring:
-            speech, audio = utterance.speech, utterance.audio
+            speech, audio, mel = utterance.speech, utterance.audio, utterance.mel
             if speech.scored_until < audio.start:
                 # Trimmed before it was scored (only a session whose final keeps the tail trims):
                 # count it as speech, the safe side, and score on from where the audio is kept.
                 speech.add(np.ones(-(-audio.start // VAD_FRAME) - speech.frames, dtype=np.float32))
                 speech.vad_state = VadState()
-            frames = audio.end // VAD_FRAME
-            if frames <= speech.frames:
+            mel.skip_to(audio.start)
+            if audio.end // VAD_FRAME <= speech.frames and mel.ready(audio.end) <= mel.count:
                 return
-            samples = audio.since(speech.scored_until)[: (frames - speech.frames) * VAD_FRAME]
-            probabilities, speech.vad_state = await asyncio.to_thread(speech_probabilities, samples, speech.vad_state)
-            speech.add(probabilities)
-            if self.on_speech is not None and utterance is self.utterance:
-                self.on_speech(speech.frames - probabilities.size, probabilities)
+            start, first = min(speech.scored_until, mel.needs_from()), speech.frames
+            await self.engine.frontend.listen(speech, mel, audio.since(start), start)
+            if self.on_speech is not None and utterance is self.utterance and speech.frames > first:
+                self.on_speech(first, speech.scores()[first:])
 
     def _paused(self, utterance: Utterance) -> bool:
         """The speaker has been silent for SPECULATE_AFTER_SILENCE, as far as the audio is scored:

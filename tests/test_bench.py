@@ -224,3 +224,23 @@ def test_the_realtime_arm_measures_the_same_figures_through_openais_realtime_api
     assert figures["environment"]["protocol"] == "realtime" and "over OpenAI's Realtime API" in result.stdout
     assert run["dropped"] == run["errors"] == 0 and run["wer_final"] <= 0.25 and run["final_latency_p50_s"] > 0
     assert row["committed_revisions"] == 0 and row["final"]
+
+
+def test_the_overhead_sweep_prints_the_servers_own_cost_as_json(tmp_path):
+    """bench --overhead on its near-free model: two real-time streams of a few seconds each, and the
+    last line on stdout is one JSON object with the streams held and the CPU per stream-second."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--overhead", "--levels", "2", "--sweep-seconds", "3",
+         "--files", "en_cmu_goforward.wav", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["streams_held"] in (0, 2) and figures["measured_at_streams"] == 2
+    assert figures["server_cpu_ms_per_stream_second"] > 0 and figures["server_cpu_all_ms_per_stream_second"] > 0
+    [level] = figures["levels"]
+    assert level["stream_seconds"] >= 5 and level["dropped"] == 0 and level["model_cpu_s"] > 0
+    assert 0 < level["client_cores_busy"] < 1
+    [path] = tmp_path.glob("overhead-*.json")
+    assert json.loads(path.read_text())["environment"]["model"] == "random:near-free"
+    assert "| streams | holds |" in result.stdout
