@@ -85,12 +85,12 @@ def test_a_windows_speech_from_the_streams_scores_is_faster_whispers_for_the_sam
         audio = _speech_like(12.0, seed)
         scores = get_vad_model()(np.pad(audio, (0, VAD_FRAME - audio.size % VAD_FRAME))).reshape(-1)
         assert speech_spans(scores, 0, audio.size) == get_speech_timestamps(audio, VAD_OPTIONS)
-    # Two stretches of speech with a pause of three seconds between: cut, each padded by 400 ms; a
-    # score between the two thresholds neither starts nor ends speech.
-    scores = np.array([0.0] * 20 + [0.9] * 20 + [0.0] * 94 + [0.9] * 20 + [0.4] * 5, dtype=np.float32)
+    # Speech, a long stretch scored between the two thresholds (it neither starts nor ends speech),
+    # speech again, then three seconds of silence (cut, each side padded by 400 ms), then speech.
+    scores = np.array([0.0] * 20 + [0.9] * 20 + [0.4] * 70 + [0.9] * 5 + [0.0] * 94 + [0.9] * 10, dtype=np.float32)
     assert speech_spans(scores, 0, scores.size * VAD_FRAME) == [
-        {"start": 20 * VAD_FRAME - 6400, "end": 40 * VAD_FRAME + 6400},
-        {"start": 134 * VAD_FRAME - 6400, "end": 159 * VAD_FRAME},
+        {"start": 20 * VAD_FRAME - 6400, "end": 115 * VAD_FRAME + 6400},
+        {"start": 209 * VAD_FRAME - 6400, "end": 219 * VAD_FRAME},
     ]
     # A window that starts mid-utterance reads the frames from there, in its own samples.
-    assert speech_spans(scores, 130 * VAD_FRAME, scores.size * VAD_FRAME) == [{"start": 0, "end": 29 * VAD_FRAME}]
+    assert speech_spans(scores, 200 * VAD_FRAME, scores.size * VAD_FRAME) == [{"start": 0, "end": 19 * VAD_FRAME}]
