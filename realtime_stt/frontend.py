@@ -83,6 +83,7 @@ class _Request:
     audio: np.ndarray  # float32, from sample ``start`` of the utterance to its newest
     start: int
     future: asyncio.Future[None]
+    since: tuple[int, int] = (0, 0)  # the frames scored and kept when it was asked
 
 
 class Frontend:
@@ -97,7 +98,7 @@ class Frontend:
         """Score ``audio`` (float32 from sample ``start``, which is at most where ``speech`` and
         ``mel`` go on from) and add its scores and frames to them, in the next round."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(speech, mel, audio, start, future))
+        self._pending.append(_Request(speech, mel, audio, start, future, (speech.frames, mel.count)))
         self._wake.set()
         await future
 
@@ -123,11 +124,14 @@ class Frontend:
                     if not request.future.done():
                         request.future.set_exception(exc)
                 continue
-            # Applied here, on the loop, where the sessions read them.
+            # Applied here, on the loop, where the sessions read them; only onto what the request
+            # was computed from (a request whose session stopped waiting for it, and asked again
+            # meanwhile, must not add the same frames twice).
             for request, (probabilities, state, frames) in zip(requests, results):
-                request.speech.add(probabilities)
-                request.speech.vad_state = state
-                request.mel.add(frames)
+                if (request.speech.frames, request.mel.count) == request.since:
+                    request.speech.add(probabilities)
+                    request.speech.vad_state = state
+                    request.mel.add(frames)
                 if not request.future.done():
                     request.future.set_result(None)
 
