@@ -78,6 +78,7 @@ class MelFrames:
         """The audio before ``sample`` is gone unscored (trimmed): keep frames from there on."""
         frame = -(-(sample + HALF) // HOP)
         if frame > self.count:
+            self._log = np.empty_like(self._log)  # a new array: snapshots keep the frames they hold
             self.first = self.count = frame
 
     def add(self, log_spec: np.ndarray) -> None:
