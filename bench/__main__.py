@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, plans_for, push_to_talk, resolve_model
+from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, plans_for, push_to_talk, resolve_model, with_stop_after
 from bench.overhead import MODEL as OVERHEAD_MODEL
 from bench.overhead import run_overhead
 from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
@@ -87,6 +87,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--files", help="comma-separated audio names from the manifest (default all)")
     parser.add_argument("--limit", type=int, help="only the first N files (after --languages and --files)")
     parser.add_argument("--push-to-talk", action="store_true", help="only files of push-to-talk length (30 s or less)")
+    parser.add_argument(
+        "--stop-after", type=float, metavar="SECONDS",
+        help="push-to-talk: send the stop this long after the file's last word (bench.data.speech_end), "
+             "with silence past the file's end, instead of at its end",
+    )
     parser.add_argument("--streams", type=int, default=1, help="concurrent clients in the main run")
     parser.add_argument(
         "--protocol", choices=("ws", "realtime"), default="ws",
@@ -152,6 +157,7 @@ def select_items(args: argparse.Namespace, model_id: str) -> list[Item]:
     items = load_manifest(args.manifest, languages, set(args.files.split(",")) if args.files else None)
     items = push_to_talk(items) if args.push_to_talk else items
     items = items[: args.limit] if args.limit else items
+    items = with_stop_after(items, args.stop_after) if args.stop_after is not None else items
     if not items:
         raise SystemExit("no files to stream: check --manifest, --languages and --files")
     return items

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,14 @@ class Item:
     language: str
     duration: float
     scored: bool  # ref_kind asr_output_assertion is an engine's output, not a transcript: latency only
+    # Push-to-talk: the stop goes this many seconds into the file (--stop-after), not at its end;
+    # past the end, silence is sent up to it. None: at the file's end.
+    stop_s: float | None = None
+
+    @property
+    def sent_seconds(self) -> float:
+        """Seconds of audio a client streams before its stop."""
+        return self.duration if self.stop_s is None else self.stop_s
 
 
 def load_manifest(path: Path, languages: set[str] | None, files: set[str] | None) -> list[Item]:
@@ -111,6 +119,38 @@ def plans_for(items: list[Item], streams: int, seconds: float) -> list[list[Item
 
 
 LONGEST = 30.0  # seconds: the longest push-to-talk utterance
+
+
+def speech_end(audio) -> float:
+    """Seconds to the end of the last word in ``audio`` (float32, 16 kHz): the earlier of where
+    Silero last hears speech (threshold 0.2, unpadded, as ``report.speech_onset``; whispered and
+    falsetto words score little more) and where the level last rises above a tenth of the loud
+    frames' (20 ms frames). Silero's score falls some frames after a word ends, and a noisy room
+    keeps the level up: the earlier of the two is the nearer to the audible end, and a stop timed
+    from it comes no later than meant. The file's end where neither hears anything."""
+    import numpy as np
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    duration = audio.size / 16000
+    chunks = get_speech_timestamps(audio, VadOptions(threshold=0.2, speech_pad_ms=0, min_silence_duration_ms=100))
+    vad_end = chunks[-1]["end"] / 16000 if chunks else duration
+    frames = audio[: audio.size // 320 * 320].reshape(-1, 320)
+    level = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)) if frames.size else np.zeros(0)
+    loud = np.flatnonzero(level > 0.1 * np.percentile(level, 95)) if level.size and level.max() > 0 else np.zeros(0, int)
+    level_end = (loud[-1] + 1) * 0.02 if loud.size else duration
+    return min(vad_end, level_end, duration)
+
+
+def with_stop_after(items: list[Item], seconds: float) -> list[Item]:
+    """The items with their stop ``seconds`` after the last word (``speech_end``): a push-to-talk key
+    let go that long after the speaker stopped, instead of at the file's end."""
+    import numpy as np
+
+    stopped = []
+    for item in items:
+        audio = np.frombuffer(read_pcm(item.path), dtype="<i2").astype(np.float32) / 32768
+        stopped.append(replace(item, stop_s=round(speech_end(audio) + seconds, 3)))
+    return stopped
 
 
 def push_to_talk(items: list[Item]) -> list[Item]:

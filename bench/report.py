@@ -33,7 +33,7 @@ def utterance_figures(u: Utterance, words: list[tuple[str, float, float]] | None
     """
     partials = u.of_type("partial")
     final = u.final
-    figures: dict = {"file": u.item.name, "language": u.item.language, "duration_s": u.item.duration}
+    figures: dict = {"file": u.item.name, "language": u.item.language, "duration_s": u.item.sent_seconds}
     if final is None:
         return {**figures, "error": u.error or "no final", "errors": len(u.of_type("error"))}
     before_stop = [(t, m) for t, m in partials if t <= u.stop_sent]
@@ -201,6 +201,7 @@ def environment(args: argparse.Namespace, model_id: str, server_health: dict) ->
         "speed": args.speed,
         "streams": args.streams,
         "protocol": getattr(args, "protocol", "ws"),
+        "stop_after_s": getattr(args, "stop_after", None),
         "auto_language": args.auto_language,
         "server_settings": args.env,
         "server_inference": server_health.get("inference"),
@@ -219,6 +220,7 @@ def markdown(result: dict) -> str:
         f"{run['files']} files, {env['streams']} stream(s) at {env['speed']}x"
         + (", no language sent" if env.get("auto_language") else "")
         + (" over OpenAI's Realtime API" if env.get("protocol") == "realtime" else "")
+        + (f", stop {env['stop_after_s']:g} s after the last word" if env.get("stop_after_s") is not None else "")
         + (" (random weights: timing only, its text is noise)" if str(env["model"]).startswith("random:") else ""),
         "",
         "| figure | value |",

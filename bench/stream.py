@@ -50,7 +50,7 @@ async def stream_file(ws, item: Item, speed: float, auto_language: bool = False)
         return message.get("type") == "final"
 
     frame = int(16000 * FRAME_SECONDS) * 2
-    pcm = read_pcm(item.path)
+    pcm = _spoken(item)
     frames = [pcm[offset : offset + frame] for offset in range(0, len(pcm), frame)]
     await _speak(ws, utterance, speed, [json.dumps(config)], frames, len(pcm) / 32000, json.dumps({"type": "stop"}), received)
     return utterance
@@ -81,7 +81,7 @@ async def stream_file_realtime(ws, item: Item, speed: float, auto_language: bool
             utterance.messages.append((now, {"type": "error", "message": event["error"]["message"]}))
         return False
 
-    pcm = soxr.resample(np.frombuffer(read_pcm(item.path), "<i2"), 16000, 24000).astype(np.int16).tobytes()
+    pcm = soxr.resample(np.frombuffer(_spoken(item), "<i2"), 16000, 24000).astype(np.int16).tobytes()
     seconds = len(pcm) / 48000
     frame = int(24000 * FRAME_SECONDS) * 2
     frames = [json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[offset : offset + frame]).decode()})
@@ -89,6 +89,16 @@ async def stream_file_realtime(ws, item: Item, speed: float, auto_language: bool
     await _speak(ws, utterance, speed, [json.dumps({"type": "session.update", "session": session})], frames, seconds,
                  json.dumps({"type": "input_audio_buffer.commit"}), received)
     return utterance
+
+
+def _spoken(item: Item) -> bytes:
+    """The file's 16 kHz PCM up to the stop: its end, or for push-to-talk (``item.stop_s``) a set time
+    after its last word, cut there or padded with silence past the file's end."""
+    pcm = read_pcm(item.path)
+    if item.stop_s is None:
+        return pcm
+    size = int(item.stop_s * 16000) * 2
+    return pcm[:size].ljust(size, b"\0")
 
 
 async def _speak(ws, utterance: Utterance, speed: float, first: list[str], frames: list, seconds: float, stop: str,
