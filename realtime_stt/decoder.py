@@ -73,7 +73,7 @@ class DecodeOptions:
     # Bounds a runaway decode (a loop on a second of audio would otherwise run to 448 tokens).
     # Whisper keeps at most 223 prompt tokens, so up to 220 new ones always fit its 448.
     max_new_tokens: int | None = None
-    encoder: EncoderSpan | None = None  # partial batches only; None: Whisper's full 30 s
+    encoder: EncoderSpan | None = None  # partial batches and finals of one window; None: Whisper's full 30 s
     # A whole-utterance final decodes as plain offline faster-whisper does: each 30 s window
     # conditioned on the text of the one before (dropping that raised the long-form WER); loops stay
     # bounded by the compression-ratio fallback, which resets that context, and repetition_start.
@@ -86,8 +86,8 @@ class EncoderSpan:
     Whisper's silence padding, at least ``floor`` frames in all.
 
     Whisper was trained on 30 s windows: the bare audio alone makes it loop, but some padding
-    reads as well as the full 30 s for partials at a fraction of the cost. Finals keep the full
-    30 s, which is more accurate (README).
+    reads as well as the full 30 s, for partials and for finals decoded without timestamps, at a
+    fraction of the cost (README).
     """
 
     floor: int
@@ -102,6 +102,11 @@ class EncoderSpan:
 # The padding is what reads well, not the total: on windows of 1-6.5 s of the English files, 10 s
 # of padding gave the same text as 15 s at least (README), and a short window costs less with it.
 PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=1000)
+# A final that fits one window: its audio and 10 s of padding, 15 s at least. On the eval files it
+# read as the full 30 s did (tiny.en, English: the same WER; base, the other languages: the same
+# WER, where a 10 s floor changed a Korean and a Chinese file) in half the time (README, "Finals").
+# Longer finals keep offline faster-whisper's 30 s windows.
+FINAL_ENCODER = EncoderSpan(floor=1500, margin=1000)
 # A batch of three or more partials means load, where cadence matters more: 8 s and 5 s (a loaded
 # machine keeps its windows near half WINDOW_SECONDS, pipeline.py, so mostly 8 s).
 BUSY_PARTIAL_ENCODER = EncoderSpan(floor=800, margin=500)
@@ -216,7 +221,8 @@ class Decoder:
         features = model.feature_extractor(speech)
         frames = min(N_FRAMES, features.shape[-1] - 1)  # what transcribe's one segment holds
         segment = pad_or_trim(features[:, :frames])
-        encoded = WhisperModel.encode(model, segment)
+        width = self._width(options.encoder, frames)
+        encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, :width]))
         language, probability = options.language or (None if self.multilingual else "en"), 1.0
         if language is None:
             [found] = model.model.detect_language(encoded)
@@ -342,12 +348,15 @@ class Decoder:
             for voiced, tokens, alignment, (language, probability) in zip(group, texts, alignments, languages)
         ]
 
+    def _width(self, span: EncoderSpan | None, frames: int) -> int:
+        """Mel frames the encoder sees for ``frames`` of audio: the span's, where it has one and
+        TRIM_ENCODER_INPUT is on, else Whisper's 30 s."""
+        return span.width(frames) if self.settings.trim_encoder_input and span is not None else N_FRAMES
+
     def _encode(self, features: list[np.ndarray], span: EncoderSpan | None) -> tuple[Any, np.ndarray | None]:
         """The encoder output of every window, padded to one width; and the array it borrows, if any."""
         model = self.model
-        width = N_FRAMES
-        if self.settings.trim_encoder_input and span is not None:
-            width = span.width(max(f.shape[-1] for f in features))
+        width = self._width(span, max(f.shape[-1] for f in features))
         batch = np.stack([np.pad(f[:, :width], ((0, 0), (0, width - min(f.shape[-1], width)))) for f in features])
         if self.device == "cpu" and len(batch) > 2:
             # Two windows at a time: on CPU one encode of 8 takes longer than four of 2 (README).

@@ -14,3 +14,11 @@ def test_a_partial_window_is_encoded_with_ten_seconds_of_padding_not_padded_to_f
     # Under load, a window of at most half WINDOW_SECONDS (3 s): 5 s of padding, 8 s at least.
     assert BUSY_PARTIAL_ENCODER.width(200) == 800 and BUSY_PARTIAL_ENCODER.width(300) == 800
     assert BUSY_PARTIAL_ENCODER.width(600) == 1100
+
+
+def test_a_final_of_one_window_is_encoded_with_ten_seconds_of_padding_fifteen_at_least():
+    from realtime_stt.decoder import FINAL_ENCODER
+
+    assert FINAL_ENCODER.width(200) == 1500  # a 2 s utterance: 15 s in all, not 30 s
+    assert FINAL_ENCODER.width(800) == 1800  # 8 s: + 10 s
+    assert FINAL_ENCODER.width(2100) == N_FRAMES  # never past Whisper's 30 s
