@@ -56,7 +56,7 @@ window to the ``engine`` queue, where a worker batches it with the other session
 ``decoder.decode_batch`` in a thread. The words come back to the
 pipeline, ``policy`` decides what is committed and shown, and the ``Partial`` goes through the
 callback to ``protocol``, which sends the JSON. On stop, ``pipeline.finish`` decodes the whole
-utterance again (or takes the decode it started during the last pause) and the ``final`` goes out.
+utterance again (or takes the decode it started when the speech stopped) and the ``final`` goes out.
 """
 
 from realtime_stt.app import create_app

@@ -4,7 +4,7 @@ through a callback and asks it for the final.
 
 Per utterance: the audio buffer, speech activity (VAD as the audio arrives), the language guess,
 the streaming policy (LocalAgreement over a sliding window), partials on the shared clock grid, a
-final decoded ahead of the stop during a pause (speculation), and the final itself.
+final decoded ahead of the stop once the speech stops (speculation), and the final itself.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime_stt.decoder import PARTIAL_ENCODER, DecodeOptions, Transcript, token_budget
+from realtime_stt.decoder import FINAL_ENCODER, PARTIAL_ENCODER, DecodeOptions, Transcript, token_budget
 from realtime_stt.engine import PRIORITY_FINAL, PRIORITY_PARTIAL, PRIORITY_SPECULATIVE, Engine, Job
 from realtime_stt.features import MelFrames, window_grid
 from realtime_stt.frontend import AudioBuffer, Heard
@@ -89,9 +89,9 @@ class Final:
 
 @dataclass(frozen=True)
 class Speculation:
-    """A whole-utterance final decoded during a pause, for a stop that comes before more speech."""
+    """A whole-utterance final decoded once the speech stopped, for a stop that comes before more speech."""
 
-    end: int  # samples it decoded; it stands while nothing after them is speech
+    end: int  # samples it decoded; it stands while nothing after them may be speech
     job: Job
 
 
@@ -132,10 +132,13 @@ class Pipeline:
     """
 
     MIN_PARTIAL_SECONDS = 0.3
-    # A pause this long, with the model mostly idle, starts the final's decode before the stop: a
-    # push-to-talk user lets go a few hundred ms after the last word, and if nothing more is said
-    # the final is ready, or under way, when the stop comes.
-    SPECULATE_AFTER_SILENCE = 0.2
+    # The speaker has paused after this much silence: partials slow down, and speech after it wakes them.
+    PAUSE_SECONDS = 0.2
+    # Silence this long (two VAD frames) after speech, with the model mostly idle, starts the
+    # final's decode before the stop: a push-to-talk user lets go 0.2-0.5 s after the last word,
+    # and the VAD hears the stop of speech about 0.15 s after it (100 ms chunks), so waiting for
+    # PAUSE_SECONDS left the decode to start after the key came up (README, "Finals").
+    SPECULATE_AFTER_SILENCE = 0.064
     # The final decodes the whole utterance again (FINAL_MODE=full) as the offline decode does: the
     # committed words plus the tail lose words LocalAgreement dropped early. FINAL_MODE=auto does so
     # up to one Whisper window and keeps the tail beyond, bounding the final's cost; tail always
@@ -359,9 +362,9 @@ class Pipeline:
                 self.on_speech(first, speech.scores()[first:])
 
     def _paused(self, utterance: Utterance) -> bool:
-        """The speaker has been silent for SPECULATE_AFTER_SILENCE, as far as the audio is scored:
-        partials slow down, the final may start, and speech after it wakes the partials."""
-        return utterance.speech.trailing_silence() >= self.SPECULATE_AFTER_SILENCE
+        """The speaker has been silent for PAUSE_SECONDS, as far as the audio is scored: partials
+        slow down, and speech after it wakes them."""
+        return utterance.speech.trailing_silence() >= self.PAUSE_SECONDS
 
     def _maybe_speculate(self, utterance: Utterance) -> None:
         speech = utterance.speech
@@ -371,11 +374,11 @@ class Pipeline:
             or not self._final_decodes_whole(utterance)
             or utterance.seconds > self.FULL_FINAL_SECONDS
             or not speech.heard()
-            or not self._paused(utterance)
+            or speech.trailing_quiet() < self.SPECULATE_AFTER_SILENCE
         ):
             return
         earlier = utterance.speculation
-        if earlier is not None and speech.silent_since(earlier.end):
+        if earlier is not None and speech.quiet_since(earlier.end):
             return  # this pause already has one
         if not self.engine.has_time_for(self):
             return
@@ -387,7 +390,7 @@ class Pipeline:
             requester=self,
             # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead.
             is_stale=lambda: (
-                self._closed or self._finalizing or self.utterance is not utterance or not speech.silent_since(end)
+                self._closed or self._finalizing or self.utterance is not utterance or not speech.quiet_since(end)
             ),
         )
         utterance.speculation = Speculation(end, job)
@@ -399,7 +402,7 @@ class Pipeline:
             return None
         await self._score_speech(utterance)
         # Less than a frame (32 ms) may be left unscored at the end: too short to hold a word.
-        if not utterance.speech.silent_since(speculation.end):
+        if not utterance.speech.quiet_since(speculation.end):
             return None
         transcript = await speculation.job.future
         if transcript is not None:
@@ -427,6 +430,7 @@ class Pipeline:
             self.options.beam_size,
             temperatures=(0.0, 0.2, 0.4, 0.6),
             offline=True,
+            encoder=FINAL_ENCODER,
         )
 
     def _final_decodes_whole(self, utterance: Utterance) -> bool:

@@ -94,3 +94,33 @@ def test_a_windows_speech_from_the_streams_scores_is_faster_whispers_for_the_sam
     ]
     # A window that starts mid-utterance reads the frames from there, in its own samples.
     assert speech_spans(scores, 200 * VAD_FRAME, scores.size * VAD_FRAME) == [{"start": 0, "end": 19 * VAD_FRAME}]
+
+
+def test_a_frame_below_the_speech_threshold_may_still_hold_speech():
+    speech = SpeechActivity(threshold=0.35, sound_threshold=0.2)
+    speech.add(np.array([0.9, 0.1, 0.25, 0.1, 0.05], dtype=np.float32))  # a soft word in frame 2
+    assert speech.trailing_silence() == pytest.approx(4 * VAD_FRAME / 16000)
+    assert speech.trailing_quiet() == pytest.approx(2 * VAD_FRAME / 16000)
+    assert speech.silent_since(VAD_FRAME) and not speech.quiet_since(VAD_FRAME)
+    assert speech.quiet_since(3 * VAD_FRAME) and not speech.quiet_since(3 * VAD_FRAME - 1)
+
+
+def test_fast_falsetto_words_that_silero_scores_below_speech_are_not_quiet():
+    """The last words of this recording score 0.2-0.3: a final decoded from before them lost them."""
+    from pathlib import Path
+    import wave
+
+    from realtime_stt.vad import VadState, speech_probabilities
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "eval" / "en_mfa_style_falsetto2.wav"
+    if not path.exists():
+        pytest.skip(f"real speech not found at {path}")
+    with wave.open(str(path)) as wav:
+        audio = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768
+    speech = SpeechActivity()
+    probabilities, _ = speech_probabilities(audio[: audio.size // VAD_FRAME * VAD_FRAME], VadState())
+    speech.add(probabilities)
+    before_last_words = int(2.0 * 16000)
+    assert speech.silent_since(before_last_words)  # the speech threshold hears nothing after 2 s
+    assert not speech.quiet_since(before_last_words)
+    assert speech.quiet_since(int(2.9 * 16000))  # and the silence at the end is quiet

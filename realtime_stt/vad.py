@@ -35,18 +35,30 @@ def speech_probabilities(audio: np.ndarray, state: VadState) -> tuple[np.ndarray
     return np.asarray(output, dtype=np.float32).reshape(-1), VadState(h, c, frames[-1, -VAD_CONTEXT:].copy())
 
 
+# Silero's score from which a frame may hold speech, for a decode that must not miss any: fast
+# falsetto words scored 0.2-0.3, below the speech threshold (README, "Finals"); the benchmark takes
+# speech to begin there too (bench/report.py).
+SOUND_THRESHOLD = 0.2
+
+
 class SpeechActivity:
     """Where in an utterance the speaker was talking, scored 32 ms at a time as the audio arrives.
 
     A frame counts as speech from Silero's lower threshold up: faster-whisper's VAD keeps a speech
     chunk going until the score falls below it, and whispered words score little more. Only the last
-    speech frame matters to the session.
+    speech frame matters to the session, and the last frame that may hold speech (``sound_threshold``).
     """
 
-    def __init__(self, threshold: float = VAD_OPTIONS.neg_threshold or VAD_OPTIONS.threshold - 0.15) -> None:
+    def __init__(
+        self,
+        threshold: float = VAD_OPTIONS.neg_threshold or VAD_OPTIONS.threshold - 0.15,
+        sound_threshold: float = SOUND_THRESHOLD,
+    ) -> None:
         self.threshold = threshold
+        self.sound_threshold = min(threshold, sound_threshold)
         self.frames = 0  # frames scored
         self.last_speech = -1  # index of the last frame scored as speech, -1 before any
+        self.last_sound = -1  # index of the last frame that may hold speech, -1 before any
         self.vad_state = VadState()
         self._scores = np.empty(1024, dtype=np.float32)  # every frame's probability; grown by replacing
 
@@ -55,9 +67,12 @@ class SpeechActivity:
         return self.frames * VAD_FRAME
 
     def add(self, probabilities: np.ndarray) -> None:
-        loud = np.flatnonzero(probabilities >= self.threshold)
-        if loud.size:
-            self.last_speech = self.frames + int(loud[-1])
+        speech = np.flatnonzero(probabilities >= self.threshold)
+        if speech.size:
+            self.last_speech = self.frames + int(speech[-1])
+        sound = np.flatnonzero(probabilities >= self.sound_threshold)
+        if sound.size:
+            self.last_sound = self.frames + int(sound[-1])
         if self.frames + probabilities.size > self._scores.size:
             grown = np.empty(max(2 * self._scores.size, self.frames + probabilities.size), dtype=np.float32)
             grown[: self.frames] = self._scores[: self.frames]
@@ -80,6 +95,14 @@ class SpeechActivity:
     def trailing_silence(self) -> float:
         """Seconds since the speech stopped, as far as it is scored."""
         return (self.frames - 1 - self.last_speech) * VAD_FRAME / SAMPLE_RATE
+
+    def quiet_since(self, sample: int) -> bool:
+        """No frame that may hold speech ends after ``sample``."""
+        return (self.last_sound + 1) * VAD_FRAME <= sample
+
+    def trailing_quiet(self) -> float:
+        """Seconds since the last frame that may hold speech, as far as it is scored."""
+        return (self.frames - 1 - self.last_sound) * VAD_FRAME / SAMPLE_RATE
 
 
 def speech_spans(scores: np.ndarray, start: int, end: int, options: VadOptions = VAD_OPTIONS) -> list[dict]:

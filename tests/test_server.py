@@ -218,6 +218,32 @@ def test_a_pause_before_the_stop_has_the_final_ready(server):
     assert final["duration_s"] == pytest.approx(sent / 32000, abs=0.001)
 
 
+def test_the_final_starts_when_the_speech_stops_not_after_a_pause(server):
+    """A push-to-talk key comes up 0.2-0.5 s after the last word: the final's decode starts once the
+    VAD hears the speech stop (0.1 s of silence here), not after the 0.2 s pause that slows partials."""
+    cut = 2 * int(3.0 * 16000)  # mid-sentence: Silero hears speech up to the last frame (0.98)
+
+    async def scenario():
+        async with websockets.connect(server.ws_url) as ws:
+            speaker = Speaker(ws, server)
+            await speaker.send(read_pcm(SHORT)[:cut])
+            await asyncio.sleep(3.0)  # the partial decodes are over, and the model idle for 3 s
+            runs = counters(server)["speculative_runs"]
+            await speaker.send(silence(0.15))  # nothing after it: no later audio can start one
+            for _ in range(100):
+                if (await asyncio.to_thread(counters, server))["speculative_runs"] > runs:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("no decode of the final started within 10 s of the speech stopping")
+            return await speaker.stop()
+
+    before = counters(server)
+    final = run(scenario())
+    assert counters(server)["speculative_finals"] == before["speculative_finals"] + 1
+    assert normalize(final["text"]).startswith("mister quilter"), final
+
+
 def test_what_is_said_after_a_short_pause_reaches_the_final(server):
     """A final decoded without timestamps may stop at a pause; what follows must still be read."""
     tails = ("en_librivox_sense_and_sensibility_0880.wav", "en_mfa_style_thoughts.wav")
