@@ -26,7 +26,7 @@ from bench.data import DEFAULT_MANIFEST, ROOT, Item, load_manifest, plans_for, p
 from bench.overhead import MODEL as OVERHEAD_MODEL
 from bench.overhead import run_overhead
 from bench.report import environment, markdown, offline, plot, pooled, predicted, utterance_figures
-from bench.server import Server, attach, health, model_seconds, model_time_per_call, serve
+from bench.server import Server, attach, health, model_calls, model_seconds, model_time_per_call, serve
 from bench.soak import soak
 from bench.soak import write as write_soak
 from bench.stream import REFUSED, measure
@@ -218,11 +218,14 @@ def main() -> None:
                                         args.protocol)
         # Behind a balancer each reading comes from some replica: model time and calibration are
         # one replica's at best, so neither is reported for the whole.
-        model_time = model_time_per_call(model_before, model_seconds(server)) if not args.url else {}
+        model_after = model_seconds(server) if not args.url else {}
+        model_time = model_time_per_call(model_before, model_after) if not args.url else {}
         rows = [utterance_figures(u, spoken.get(u.item.name), args.speed) for u in utterances]
         audio = sum(r["duration_s"] for r in rows if "error" not in r)
         run = {**pooled(rows, {i.name: i for i in items}), "server_cpu_s": cpu, "audio_s": audio, "wall_s": wall,
-               "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time}
+               "cpu_per_audio_s": cpu / audio if audio and cpu is not None else None, "model_seconds_per_call": model_time,
+               # finals decoded at the stop, and decodes started before it (the rest of the finals used one)
+               "model_calls": model_calls(model_before, model_after) if not args.url else {}}
         if args.model.startswith("random:"):  # its text is noise: no accuracy figure is made of it
             run.update(wer_final=None, wer_last_partial=None)
         if reference:

@@ -266,6 +266,10 @@ def markdown(result: dict) -> str:
                   f"Model time per call, measured in the main run (predicted at start-up): partial batch "
                   f"{_fmt(per_call.get('partial'), ' s')} ({calibration['predicted_partial_s']:.2f} s for one speaker), "
                   f"final {_fmt(per_call.get('final'), ' s')} ({calibration['predicted_final_s']:.2f} s for 10 s of speech)"]
+        calls = run.get("model_calls") or {}
+        if calls:
+            lines += [f"Model calls in the main run: {calls.get('final', 0)} final decodes after a stop (with any re-read "
+                      f"of skipped speech), {calls.get('speculative', 0)} started before one"]
         expected = run.get("predicted") or {}
         if expected:
             lines += [f"Against the calibration's prediction for this run: cadence p95 {_fmt(run['cadence_p95_s'], ' s')} "

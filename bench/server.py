@@ -174,6 +174,11 @@ def model_cpu_seconds(server: Server) -> float | None:
     return None
 
 
+def model_calls(before: dict, after: dict) -> dict[str, int]:
+    """How many model calls of each kind ran between two readings of model_seconds."""
+    return {kind: int(calls - before.get(kind, (0.0, 0.0))[1]) for kind, (_, calls) in after.items()}
+
+
 def model_time_per_call(before: dict, after: dict) -> dict[str, float | None]:
     """Mean seconds a model call of each kind took between two readings of model_seconds."""
     means = {}

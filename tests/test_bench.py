@@ -74,6 +74,19 @@ def test_the_first_word_begins_where_speech_does_not_at_the_padded_vad_chunk():
     assert first_word[1] >= min(onset, first_word[2]) - 1e-6
 
 
+def test_push_to_talk_stops_a_set_time_after_the_last_word():
+    from bench.data import load_manifest, with_stop_after
+
+    names = {"en_libritts_test-clean_260_horizon.wav", "en_jfk_inaugural_1961.wav"}
+    items = {i.name: i for i in with_stop_after(load_manifest(EVAL_DIR / "manifest.jsonl", None, names), 0.2)}
+    horizon, jfk = items["en_libritts_test-clean_260_horizon.wav"], items["en_jfk_inaugural_1961.wav"]
+    # 'horizon' ends at 2.4-2.7 s (level and Silero) and 2.3 s of silence follow: the stop comes 0.2 s
+    # after the word, not at the file's 5.0 s.
+    assert 2.6 <= horizon.stop_s <= 2.95 and horizon.sent_seconds == horizon.stop_s
+    # '... for your country' runs to the file's last sample: silence is sent past it.
+    assert jfk.stop_s == pytest.approx(jfk.duration + 0.2, abs=0.05)
+
+
 def test_error_rate_pools_words_and_scores_characters_for_chinese():
     assert error_rate([("Hello world.", "hello world", "en"), ("One two three four", "one two", "en")]) == pytest.approx(2 / 6)
     assert error_rate([("今天天气", "今天天气", "zh")]) == 0.0
