@@ -19,7 +19,7 @@ import re
 # inputs change shape with every window, so the cache grew the server's memory for minutes and gave
 # no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,10 @@ PROMPT_BUCKETS = (0, 8, 16, 32, 48)  # prompt lengths a batch is cut to
 
 class ModelLoadError(RuntimeError):
     """The model named by MODEL_ID could not be loaded."""
+
+
+class Voided(Exception):
+    """The decode was stopped between its steps: whoever asked no longer wants it."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +106,8 @@ class EncoderSpan:
 # The padding is what reads well, not the total: on windows of 1-6.5 s of the English files, 10 s
 # of padding gave the same text as 15 s at least (README), and a short window costs less with it.
 PARTIAL_ENCODER = EncoderSpan(floor=1000, margin=1000)
-# A final that fits one window: its audio and 10 s of padding, 15 s at least. On the eval files it
-# read as the full 30 s did (tiny.en, English: the same WER; base, the other languages: the same
-# WER, where a 10 s floor changed a Korean and a Chinese file) in half the time (README, "Finals").
-# Longer finals keep offline faster-whisper's 30 s windows.
+# A final of one window: its audio and 10 s of padding, 15 s at least; it read the eval files as 30 s
+# did in half the time (README, "Finals"). Longer finals keep offline faster-whisper's 30 s windows.
 FINAL_ENCODER = EncoderSpan(floor=1500, margin=1000)
 # A batch of three or more partials means load, where cadence matters more: 8 s and 5 s (a loaded
 # machine keeps its windows near half WINDOW_SECONDS, pipeline.py, so mostly 8 s).
@@ -173,9 +175,9 @@ class Decoder:
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
 
-    def decode(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+    def decode(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None) -> Transcript:
         if options.offline and audio.size <= WINDOW_SAMPLES:
-            return self.decode_window(audio, options)
+            return self.decode_window(audio, options, voided or (lambda: False))
         segments, info = self.model.transcribe(
             audio,
             language=options.language,
@@ -204,7 +206,7 @@ class Decoder:
         )
         return Transcript(words, info.language, language_probability=info.language_probability)
 
-    def decode_window(self, audio: np.ndarray, options: DecodeOptions) -> Transcript:
+    def decode_window(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] = lambda: False) -> Transcript:
         """An utterance that fits one 30 s window, decoded as offline faster-whisper would, without
         timestamp tokens, then aligned word by word.
 
@@ -221,12 +223,14 @@ class Decoder:
         features = model.feature_extractor(speech)
         frames = min(N_FRAMES, features.shape[-1] - 1)  # what transcribe's one segment holds
         segment = pad_or_trim(features[:, :frames])
-        width = self._width(options.encoder, frames)
-        encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, :width]))
+        trim, span = self.settings.trim_encoder_input, options.encoder
+        encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, : span.width(frames) if trim and span else N_FRAMES]))
         language, probability = options.language or (None if self.multilingual else "en"), 1.0
         if language is None:
             [found] = model.model.detect_language(encoded)
             language, probability = found[0][0][2:-2], float(found[0][1])
+        if voided():  # asked once the encoder has run: the decoder's steps are most of the cost
+            raise Voided
         token = _encoded.set((segment, encoded))
         try:
             segments, _ = model.transcribe(
@@ -348,15 +352,12 @@ class Decoder:
             for voiced, tokens, alignment, (language, probability) in zip(group, texts, alignments, languages)
         ]
 
-    def _width(self, span: EncoderSpan | None, frames: int) -> int:
-        """Mel frames the encoder sees for ``frames`` of audio: the span's, where it has one and
-        TRIM_ENCODER_INPUT is on, else Whisper's 30 s."""
-        return span.width(frames) if self.settings.trim_encoder_input and span is not None else N_FRAMES
-
     def _encode(self, features: list[np.ndarray], span: EncoderSpan | None) -> tuple[Any, np.ndarray | None]:
         """The encoder output of every window, padded to one width; and the array it borrows, if any."""
         model = self.model
-        width = self._width(span, max(f.shape[-1] for f in features))
+        width = N_FRAMES
+        if self.settings.trim_encoder_input and span is not None:
+            width = span.width(max(f.shape[-1] for f in features))
         batch = np.stack([np.pad(f[:, :width], ((0, 0), (0, width - min(f.shape[-1], width)))) for f in features])
         if self.device == "cpu" and len(batch) > 2:
             # Two windows at a time: on CPU one encode of 8 takes longer than four of 2 (README).

@@ -21,7 +21,7 @@ import numpy as np
 
 from realtime_stt.calibration import Plan, calibrate, working_settings
 from realtime_stt.capacity import LiveCosts, capacity, loaded, partial_interval
-from realtime_stt.decoder import DecodeOptions, Segment, Transcript, speech_chunks
+from realtime_stt.decoder import DecodeOptions, Segment, Transcript, Voided, speech_chunks
 from realtime_stt.frontend import Frontend, Heard
 from realtime_stt.metrics import Metrics
 from realtime_stt.settings import SAMPLE_RATE, Settings
@@ -60,6 +60,8 @@ class Job:
     submitted: float = field(default=0.0, compare=False)  # loop time it was queued
     work: Callable[[], Any] | None = field(default=None, compare=False)  # an upload's step, in place of a decode
     heard: Heard | None = field(default=None, compare=False)  # a partial's VAD and features, computed as the audio came
+    # Asked between a running decode's steps (from its worker thread: reads only): true, it stops there.
+    voided: Callable[[], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Engine:
         self._workers: list[asyncio.Task[None]] = []
         self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
         self._running: dict[object, float] = {}  # model calls under way -> when they started
+        self._finals_worker_busy = False  # the worker that takes no partials is running a job
         self._partial_asked: dict[object, float] = {}  # requester -> when it last asked for a partial
         # (when, seconds from request to text, requester) of recent partials; bounded, as nobody may
         # ask for the lag for a long time.
@@ -146,12 +149,14 @@ class Engine:
         is_stale: Callable[[], bool],
         requester: object = None,
         heard: Heard | None = None,
+        voided: Callable[[], bool] | None = None,
     ) -> Job:
-        """Queue a decode and return at once; its future gives the transcript, or None if it went stale.
+        """Queue a decode and return at once; its future gives the transcript, or None if it went
+        stale before it ran, or ``voided`` said so while it ran (a decode of one window only).
         ``heard``: a partial window's VAD and features as its session computed them."""
         loop = asyncio.get_running_loop()
         job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester,
-                  submitted=loop.time(), heard=heard)
+                  submitted=loop.time(), heard=heard, voided=voided)
         if priority == PRIORITY_PARTIAL:
             self._streaming()
             self._partial_asked[requester] = loop.time()
@@ -191,10 +196,15 @@ class Engine:
         return await job.future
 
     def has_time_for(self, requester: object) -> bool:
-        """Whether a speculative decode for ``requester`` would take time nobody else wants: the
-        model mostly idle, and no other session streaming (one whole-utterance decode would hold up
-        every other speaker's partials, and under load most such runs go unused)."""
-        return not self._streaming() - {requester} and self.load() <= SPECULATE_MAX_LOAD
+        """Whether a speculative decode for ``requester`` would take time nobody else wants: no
+        other session streaming (one whole-utterance decode would hold up every other speaker's
+        partials, and under load most such runs go unused), and the worker kept for finals idle, or
+        with one worker, the model mostly idle. Judged by the load alone, one speaker's own partials
+        kept it above the bound on a busy 2-core machine, and the decode never started (README, "Finals")."""
+        return may_speculate(
+            others_streaming=bool(self._streaming() - {requester}), workers=self.workers,
+            finals_worker_busy=self._finals_worker_busy, load=self.load,
+        )
 
     def _streaming(self) -> set[object]:
         """The requesters that asked for a partial in the last LOAD_WINDOW_SECONDS; the others are forgotten."""
@@ -287,6 +297,8 @@ class Engine:
         # Uploads go to a worker that takes no partials, where there is one: a window (a second or
         # more) there holds up no partial batch.
         uploads = finals_only or self.workers == 1
+        # So does speculation: a partial that waits for a whole-utterance decode comes late.
+        speculation = finals_only or self.workers == 1
         loop = asyncio.get_running_loop()
         while True:
             gated = loop.time() < self._uploads_resume_at
@@ -295,7 +307,8 @@ class Engine:
             # It still takes a waiting final first (final_ran only turns the partial workers to partials).
             helping = finals_only and self._over_capacity()
             first = self._take_next(
-                finals_only=finals_only and not helping, final_ran=final_ran and not finals_only, uploads=uploads and not gated
+                finals_only=finals_only and not helping, final_ran=final_ran and not finals_only, uploads=uploads and not gated,
+                speculation=speculation,
             )
             if first is None:
                 self._queued.clear()
@@ -305,17 +318,21 @@ class Engine:
                     await asyncio.wait_for(self._queued.wait(), wait)
                 continue
             batch = self._live([first])
-            if batch and batch[0].work is not None:
-                await self._run_step(batch[0])
-                continue
-            if batch and _batchable(batch[0]):
-                await self._gather(batch[0])
-                batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
-            if batch:
-                final_ran = batch[0].priority == PRIORITY_FINAL
-                if helping and batch[0].priority == PRIORITY_PARTIAL:
-                    self.metrics.partial_batches_helped.inc()
-                await self._run(batch)
+            self._finals_worker_busy |= finals_only and bool(batch)
+            try:
+                if batch and batch[0].work is not None:
+                    await self._run_step(batch[0])
+                    continue
+                if batch and _batchable(batch[0]):
+                    await self._gather(batch[0])
+                    batch += self._live(self._take_compatible(batch[0], self.settings.max_batch - 1))
+                if batch:
+                    final_ran = batch[0].priority == PRIORITY_FINAL
+                    if helping and batch[0].priority == PRIORITY_PARTIAL:
+                        self.metrics.partial_batches_helped.inc()
+                    await self._run(batch)
+            finally:
+                self._finals_worker_busy &= not finals_only
 
     async def _gather(self, first: Job) -> None:
         """Wait, BATCH_GATHER_SECONDS at most, until every streaming session not already in a
@@ -332,8 +349,8 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._partial_queued.wait(), deadline - loop.time())
 
-    def _take_next(self, *, finals_only: bool, final_ran: bool, uploads: bool) -> Job | None:
-        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran, uploads=uploads)
+    def _take_next(self, *, finals_only: bool, final_ran: bool, uploads: bool, speculation: bool) -> Job | None:
+        job = next_job(self._queue, finals_only=finals_only, final_ran=final_ran, uploads=uploads, speculation=speculation)
         if job is not None:
             self._queue.remove(job)
         return job
@@ -359,7 +376,10 @@ class Engine:
                     self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch], [j.heard for j in batch]
                 )
             else:
-                results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options)]
+                results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options, batch[0].voided)]
+        except Voided:  # speech came after a speculative final: it stopped before the decoder's steps
+            if not batch[0].future.done():
+                batch[0].future.set_result(None)
         except Exception as exc:  # handed to the sessions that asked, which report it
             for job in batch:
                 if not job.future.done():
@@ -427,16 +447,20 @@ class Engine:
         return taken
 
 
-def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool, uploads: bool = True) -> Job | None:
+def next_job(
+    queue: Sequence[Job], *, finals_only: bool, final_ran: bool, uploads: bool = True, speculation: bool = True
+) -> Job | None:
     """The job a worker takes next: finals, then partials, then speculation, then uploads, oldest first.
 
     A worker that just ran a final takes a waiting partial before the next final: a burst of finals
     would stall every other speaker's partials, and one batch delays a final little. A finals-only
-    worker takes no partials; a worker without ``uploads`` takes no upload steps.
+    worker takes no partials; a worker without ``uploads`` takes no upload steps, and one without
+    ``speculation`` no speculative finals.
     """
     jobs = [
         job for job in queue
-        if not (finals_only and job.priority == PRIORITY_PARTIAL or not uploads and job.priority == PRIORITY_UPLOAD)
+        if not (finals_only and job.priority == PRIORITY_PARTIAL or not uploads and job.priority == PRIORITY_UPLOAD
+                or not speculation and job.priority == PRIORITY_SPECULATIVE)
     ]
     if not jobs:
         return None
@@ -444,6 +468,15 @@ def next_job(queue: Sequence[Job], *, finals_only: bool, final_ran: bool, upload
     if job.priority == PRIORITY_FINAL and final_ran:
         job = min((j for j in jobs if j.priority == PRIORITY_PARTIAL), default=job)
     return job
+
+
+def may_speculate(*, others_streaming: bool, workers: int, finals_worker_busy: bool, load: Callable[[], float]) -> bool:
+    """Engine.has_time_for's rule: nobody else streams, and the worker kept for finals (which alone
+    takes speculation) is idle; with one worker, which a speculation takes from the partials, the
+    model was busy at most SPECULATE_MAX_LOAD of the last few seconds."""
+    if others_streaming:
+        return False
+    return not finals_worker_busy if workers > 1 else load() <= SPECULATE_MAX_LOAD
 
 
 def upload_pause(step_seconds: float, *, live: bool) -> float:

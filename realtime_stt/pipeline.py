@@ -383,15 +383,19 @@ class Pipeline:
         if not self.engine.has_time_for(self):
             return
         end = speech.scored_until
+
+        def voided() -> bool:
+            return self._closed or self.utterance is not utterance or not speech.quiet_since(end)
+
         job = self.engine.submit(
             utterance.audio.since(0)[:end],
             self._final_options(),
             priority=PRIORITY_SPECULATIVE,
             requester=self,
-            # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead.
-            is_stale=lambda: (
-                self._closed or self._finalizing or self.utterance is not utterance or not speech.quiet_since(end)
-            ),
+            # Not yet taken when the stop comes (self._finalizing), the final decodes afresh instead;
+            # once running, it stops between its steps when speech comes after it.
+            is_stale=lambda: self._finalizing or voided(),
+            voided=voided,
         )
         utterance.speculation = Speculation(end, job)
 

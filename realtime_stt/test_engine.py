@@ -9,7 +9,9 @@ from realtime_stt.engine import (
     PRIORITY_PARTIAL,
     PRIORITY_SPECULATIVE,
     PRIORITY_UPLOAD,
+    SPECULATE_MAX_LOAD,
     Job,
+    may_speculate,
     next_job,
     upload_pause,
 )
@@ -58,3 +60,16 @@ def test_uploads_keep_to_a_small_share_of_a_worker_while_live_speakers_stream():
     assert upload_pause(0.5, live=False) == 0.0  # nobody streams: back to back
     pause = upload_pause(0.5, live=True)
     assert 0.5 / (0.5 + pause) == 0.1  # one tenth of the worker's time
+
+
+def test_speculation_goes_to_the_worker_kept_for_finals_whenever_it_is_idle():
+    speculative, partial = job(PRIORITY_SPECULATIVE, 1), job(PRIORITY_PARTIAL, 2)
+    assert next_job([speculative], finals_only=False, final_ran=False, speculation=False) is None
+    assert next_job([speculative, partial], finals_only=False, final_ran=False, speculation=False) is partial
+    busy = lambda: 0.9  # one speaker's own partials kept the model this busy on a slow machine
+    assert may_speculate(others_streaming=False, workers=2, finals_worker_busy=False, load=busy)
+    assert not may_speculate(others_streaming=False, workers=2, finals_worker_busy=True, load=lambda: 0.0)
+    assert not may_speculate(others_streaming=True, workers=2, finals_worker_busy=False, load=lambda: 0.0)
+    # With one worker a speculation holds up the partials: only while the model is mostly idle.
+    assert not may_speculate(others_streaming=False, workers=1, finals_worker_busy=False, load=busy)
+    assert may_speculate(others_streaming=False, workers=1, finals_worker_busy=False, load=lambda: SPECULATE_MAX_LOAD)
