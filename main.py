@@ -35,8 +35,10 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
                  working values (workers, batch size, cadence).
 - ``capacity``   pure: from the costs of model calls (the prior, scaled by the live calls) to the
                  number of real-time speakers this machine serves, and the partial cadence.
-- ``decoder``    the model and its decodes, run in worker threads; every faster-whisper internal
-                 the server calls is here (pinned in requirements.txt).
+- ``decoder``    the decodes, run in worker threads; every faster-whisper internal the server
+                 calls is here (pinned in requirements.txt). A stream's final reads the VAD and
+                 features its session kept, as its partials do.
+- ``model``      loading the model (device, workers, the clear error), and its encode given back.
 - ``audio_file`` an uploaded file read with PyAV as faster-whisper reads one, counted as it goes.
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a
                  detected language is settled, guards against loops and re-read words.

@@ -23,9 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from realtime_stt.decoder import ModelLoadError
 from realtime_stt.engine import Engine
 from realtime_stt.metrics import Metrics
+from realtime_stt.model import ModelLoadError
 from realtime_stt.openai_api import OpenAIApi, Serving
 from realtime_stt.openai_realtime import RealtimeSession
 from realtime_stt.protocol import (

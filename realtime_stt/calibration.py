@@ -28,7 +28,8 @@ from realtime_stt.capacity import (
     prior_finals_share,
     within_bounds,
 )
-from realtime_stt.decoder import BUSY_PARTIAL_ENCODER, N_FRAMES, Decoder, device_of, speech_chunks
+from realtime_stt.decoder import BUSY_PARTIAL_ENCODER, N_FRAMES, Decoder, speech_chunks
+from realtime_stt.model import device_of
 from realtime_stt.features import MelFrames, log_mel, window_features
 from realtime_stt.settings import SAMPLE_RATE, Settings
 

@@ -1,4 +1,4 @@
-"""The model and the decodes that run in worker threads: every call into faster-whisper's
+"""The decodes that run in worker threads: every call into faster-whisper's
 internals (encode, get_prompt, find_alignment, merge_punctuations, get_suppressed_tokens) is here,
 against the versions pinned in requirements.txt.
 
@@ -11,17 +11,9 @@ decodes it, one 30 s window at a time.
 
 from __future__ import annotations
 
-import contextvars
-import os
 import re
-
-# oneDNN keeps a compiled primitive for every matrix shape it meets, up to 1024 of them; encoder
-# inputs change shape with every window, so the cache grew the server's memory for minutes and gave
-# no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ctranslate2
@@ -39,10 +31,10 @@ from faster_whisper.vad import (
     collect_chunks,
     get_speech_timestamps,
 )
-from threadpoolctl import threadpool_limits
 
 from realtime_stt.features import window_features
 from realtime_stt.frontend import Heard
+from realtime_stt.model import encoded_here, load_model
 from realtime_stt.settings import SAMPLE_RATE, Settings
 from realtime_stt.vad import VAD_OPTIONS
 from realtime_stt.words import Word, join_words
@@ -55,10 +47,6 @@ LOGPROB_THRESHOLD = -1.0
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 PROMPT_BUCKETS = (0, 8, 16, 32, 48)  # prompt lengths a batch is cut to
-
-
-class ModelLoadError(RuntimeError):
-    """The model named by MODEL_ID could not be loaded."""
 
 
 class Voided(Exception):
@@ -112,21 +100,6 @@ FINAL_ENCODER = EncoderSpan(floor=1500, margin=1000)
 # A batch of three or more partials means load, where cadence matters more: 8 s and 5 s (a loaded
 # machine keeps its windows near half WINDOW_SECONDS, pipeline.py, so mostly 8 s).
 BUSY_PARTIAL_ENCODER = EncoderSpan(floor=800, margin=500)
-# Features this thread's decode already encoded, and their encoder output: given back, not recomputed.
-_encoded: contextvars.ContextVar[tuple[np.ndarray, Any] | None] = contextvars.ContextVar("encoded", default=None)
-
-
-class _WhisperModel(WhisperModel):
-    """faster-whisper that does not encode again what the decode in this thread just encoded
-    (held in a context variable, not in state on the shared model)."""
-
-    def encode(self, features: np.ndarray) -> Any:
-        done = _encoded.get()
-        if done is not None and done[0].shape == features.shape and np.array_equal(done[0], features):
-            return done[1]
-        return super().encode(features)
-
-
 def token_budget(seconds: float) -> int:
     """Generous room for speech (about 3 words, 5 tokens, a second) that still stops a loop early."""
     return min(220, 24 + int(12 * seconds))
@@ -175,9 +148,10 @@ class Decoder:
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
 
-    def decode(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None) -> Transcript:
+    def decode(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None,
+               heard: Heard | None = None) -> Transcript:
         if options.offline and audio.size <= WINDOW_SAMPLES:
-            return self.decode_window(audio, options, voided or (lambda: False))
+            return self.decode_window(audio, options, voided or (lambda: False), heard)
         segments, info = self.model.transcribe(
             audio,
             language=options.language,
@@ -206,22 +180,25 @@ class Decoder:
         )
         return Transcript(words, info.language, language_probability=info.language_probability)
 
-    def decode_window(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] = lambda: False) -> Transcript:
+    def decode_window(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] = lambda: False,
+                      heard: Heard | None = None) -> Transcript:
         """An utterance that fits one 30 s window, decoded as offline faster-whisper would, without
         timestamp tokens, then aligned word by word.
 
         Timestamp tokens only serve to seek to the next window: a decode that ended before the audio
         did seeks there and runs again. The alignment, one decoder pass over the text, gives each word
         its time, so the session can tell where the decode stopped reading. The encoder runs once:
-        language detection and the alignment use its output, and transcribe is handed it back.
+        language detection and the alignment use its output, and transcribe is handed it back. A
+        stream's final (``heard``) takes its VAD and features from what its session kept, as partials do.
         """
         model = self.model
-        chunks = speech_chunks(audio)
+        chunks = speech_chunks(audio) if heard is None else heard.spans(audio.size)
         if not chunks:
             return Transcript((), options.language, language_probability=0.0)
         speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])
-        features = model.feature_extractor(speech)
-        frames = min(N_FRAMES, features.shape[-1] - 1)  # what transcribe's one segment holds
+        features = (model.feature_extractor(speech)[:, :-1] if heard is None else window_features(
+            heard.kept, audio, heard.start, [(c["start"], c["end"]) for c in chunks], model.feature_extractor.mel_filters))
+        frames = min(N_FRAMES, features.shape[-1])  # what transcribe's one segment holds
         segment = pad_or_trim(features[:, :frames])
         trim, span = self.settings.trim_encoder_input, options.encoder
         encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, : span.width(frames) if trim and span else N_FRAMES]))
@@ -231,7 +208,7 @@ class Decoder:
             language, probability = found[0][0][2:-2], float(found[0][1])
         if voided():  # asked once the encoder has run: the decoder's steps are most of the cost
             raise Voided
-        token = _encoded.set((segment, encoded))
+        token = encoded_here.set((segment, encoded))
         try:
             segments, _ = model.transcribe(
                 speech,
@@ -246,7 +223,7 @@ class Decoder:
             )
             segments = list(segments)
         finally:
-            _encoded.reset(token)
+            encoded_here.reset(token)
         tokenizer = self._tokenizer(options.task, language)
         tokens = [t for s in segments for t in s.tokens if t < tokenizer.eot]
         [alignment] = model.find_alignment(tokenizer, [tokens], encoded, frames) if tokens else [[]]
@@ -466,45 +443,3 @@ def speech_chunks(audio: np.ndarray) -> list[dict]:
     """Where the speech is in some audio, as offline faster-whisper's VAD filter finds it (sample
     ranges): a session's window, a final, or an uploaded file."""
     return get_speech_timestamps(audio, VAD_OPTIONS) if audio.size else []
-
-
-def device_of(settings: Settings) -> str:
-    if settings.device == "auto":
-        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    return settings.device
-
-
-def load_model(settings: Settings, workers: int | None = None) -> tuple[Any, str, int]:
-    """The model, the device it runs on, and how many calls it runs at once (``workers``, else
-    INFERENCE_WORKERS, else one)."""
-    model_id = settings.model_id
-    hint = (
-        "Set MODEL_ID to a local CTranslate2 Whisper directory (one holding model.bin, config.json and "
-        "tokenizer.json), e.g. MODEL_ID=/models/faster-whisper-large-v3-turbo, or give this machine access "
-        "to the Hugging Face hub."
-    )
-    looks_like_path = model_id.startswith((".", "/", "~")) or os.sep in model_id and not _is_hub_id(model_id)
-    if looks_like_path and not Path(model_id).expanduser().is_dir():
-        raise ModelLoadError(f"MODEL_ID={model_id!r}: no such directory. {hint}")
-    device = device_of(settings)
-    workers = workers or settings.inference_workers or 1
-    # NumPy's BLAS keeps its threads spinning for a while after each call; the log-mel features'
-    # one small matrix product woke them before every encode, and they then took the cores from
-    # CTranslate2's threads (README, "CPU threads"). The model's threads get the cores to themselves.
-    threadpool_limits(1, user_api="blas")
-    try:
-        model = _WhisperModel(
-            str(Path(model_id).expanduser()) if looks_like_path else model_id,
-            device=device,
-            compute_type=settings.compute_type,
-            cpu_threads=max(1, settings.cpu_threads // workers),
-            num_workers=workers,
-        )
-    except Exception as exc:
-        raise ModelLoadError(f"MODEL_ID={model_id!r} could not be loaded ({type(exc).__name__}: {exc}). {hint}")
-    return model, device, workers
-
-
-def _is_hub_id(model_id: str) -> bool:
-    """'Systran/faster-whisper-small' names a hub repository, not a relative path."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", model_id) is not None and not Path(model_id).exists()

@@ -376,7 +376,7 @@ class Engine:
                     self.decoder.decode_batch, [j.audio for j in batch], [j.options for j in batch], [j.heard for j in batch]
                 )
             else:
-                results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options, batch[0].voided)]
+                results = [await asyncio.to_thread(self.decoder.decode, batch[0].audio, batch[0].options, batch[0].voided, batch[0].heard)]
         except Voided:  # speech came after a speculative final: it stopped before the decoder's steps
             if not batch[0].future.done():
                 batch[0].future.set_result(None)

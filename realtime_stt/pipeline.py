@@ -396,6 +396,7 @@ class Pipeline:
             # once running, it stops between its steps when speech comes after it.
             is_stale=lambda: self._finalizing or voided(),
             voided=voided,
+            heard=self._heard(utterance),
         )
         utterance.speculation = Speculation(end, job)
 
@@ -437,6 +438,11 @@ class Pipeline:
             encoder=FINAL_ENCODER,
         )
 
+    @staticmethod
+    def _heard(utterance: Utterance) -> Heard:
+        """The whole utterance's VAD and features as the stream computed them, for its final."""
+        return Heard(0, utterance.speech.scores(), utterance.mel.snapshot())
+
     def _final_decodes_whole(self, utterance: Utterance) -> bool:
         mode = self.settings.final_mode
         return mode == "full" or (mode == "auto" and utterance.seconds <= self.FULL_FINAL_SECONDS)
@@ -447,8 +453,9 @@ class Pipeline:
         if self._final_decodes_whole(utterance):
             transcript = await self._speculated(utterance)
             if transcript is None:
+                await self._score_speech(utterance)  # the whole utterance: its VAD is the final's
                 transcript = await self.engine.transcribe(
-                    utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL
+                    utterance.audio.since(0), self._final_options(), priority=PRIORITY_FINAL, heard=self._heard(utterance)
                 )
             assert transcript is not None  # finals are never stale
             words = [*transcript.words, *await self._skipped_speech(utterance, transcript)]

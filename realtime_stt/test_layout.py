@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent
 # wyoming_server, openai_realtime, which shares protocol's socket session) -> pipeline -> engine,
 # policy, VAD -> settings.
 ALLOWED = {
-    "app": {"protocol", "openai_api", "wyoming_server", "openai_realtime", "engine", "decoder", "metrics", "settings"},
+    "app": {"protocol", "openai_api", "wyoming_server", "openai_realtime", "engine", "model", "metrics", "settings"},
     "protocol": {"pipeline", "engine", "settings"},
     "openai_api": {"pipeline", "engine", "decoder", "audio_file", "metrics", "settings"},
     "wyoming_server": {"pipeline", "engine", "metrics", "settings"},
@@ -18,8 +18,9 @@ ALLOWED = {
     "openai_realtime_events": {"vad", "settings"},
     "pipeline": {"engine", "decoder", "features", "frontend", "policy", "vad", "settings", "words"},
     "engine": {"calibration", "capacity", "decoder", "frontend", "metrics", "settings"},
-    "calibration": {"capacity", "decoder", "features", "settings"},
-    "decoder": {"features", "frontend", "vad", "settings", "words"},
+    "calibration": {"capacity", "decoder", "model", "features", "settings"},
+    "decoder": {"features", "frontend", "model", "vad", "settings", "words"},
+    "model": {"settings"},
     "frontend": {"features", "vad"},
     "features": set(),
     "audio_file": {"settings"},

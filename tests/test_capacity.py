@@ -126,7 +126,7 @@ def test_loading_the_model_leaves_numpy_one_blas_thread():
     # encode that followed the features (README, "CPU threads").
     from threadpoolctl import threadpool_info
 
-    from realtime_stt.decoder import load_model
+    from realtime_stt.model import load_model
     from realtime_stt.settings import Settings
 
     load_model(Settings(model_id=tiny_model_path()))

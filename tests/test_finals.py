@@ -52,3 +52,21 @@ def test_a_voided_speculative_final_stops_and_the_next_one_runs(engine):
     kept, final = asyncio.run(scenario())
     assert kept is not None and kept.text == final.text
     assert wer(manifest()[SHORT]["text"], final.text) <= 0.1, final.text
+
+
+def test_a_streams_final_reads_the_vad_its_session_kept():
+    """A stream's final takes its speech chunks from the scores its session kept (and its features
+    from the kept frames) instead of running Silero over the whole utterance again."""
+    from realtime_stt.decoder import Decoder
+    from realtime_stt.frontend import Heard
+    from realtime_stt.vad import VAD_FRAME, VadState, speech_probabilities
+
+    decoder = Decoder(Settings(model_id=tiny_model_path(), cpu_threads=2))
+    options = DecodeOptions("en", temperatures=(0.0, 0.2, 0.4, 0.6), offline=True, encoder=FINAL_ENCODER)
+    speech = audio(SHORT)
+    scores, _ = speech_probabilities(speech[: speech.size // VAD_FRAME * VAD_FRAME], VadState())
+    own = decoder.decode_window(speech, options)
+    kept = decoder.decode_window(speech, options, heard=Heard(0, scores, None))
+    assert kept.text == own.text and wer(manifest()[SHORT]["text"], kept.text) <= 0.1, kept.text
+    # Scores that hear no speech leave nothing to decode: the final read them, not its own VAD.
+    assert decoder.decode_window(speech, options, heard=Heard(0, np.zeros_like(scores), None)).words == ()
