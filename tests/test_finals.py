@@ -54,19 +54,38 @@ def test_a_voided_speculative_final_stops_and_the_next_one_runs(engine):
     assert wer(manifest()[SHORT]["text"], final.text) <= 0.1, final.text
 
 
-def test_a_streams_final_reads_the_vad_its_session_kept():
+def test_a_streams_final_reads_the_vad_its_session_kept(monkeypatch):
     """A stream's final takes its speech chunks from the scores its session kept (and its features
     from the kept frames) instead of running Silero over the whole utterance again."""
     from realtime_stt.decoder import Decoder
     from realtime_stt.frontend import Heard
-    from realtime_stt.vad import VAD_FRAME, VadState, speech_probabilities
+    from realtime_stt.features import MelFrames
+    from realtime_stt.frontend import Frontend
+    from realtime_stt.vad import SpeechActivity
 
     decoder = Decoder(Settings(model_id=tiny_model_path(), cpu_threads=2))
     options = DecodeOptions("en", temperatures=(0.0, 0.2, 0.4, 0.6), offline=True, encoder=FINAL_ENCODER)
     speech = audio(SHORT)
-    scores, _ = speech_probabilities(speech[: speech.size // VAD_FRAME * VAD_FRAME], VadState())
+    activity, mel = SpeechActivity(), MelFrames(decoder.model.feature_extractor.mel_filters)
+
+    async def stream() -> None:  # as a session keeps them: 100 ms at a time, scored in the frontend's rounds
+        frontend = Frontend(decoder.model.feature_extractor.mel_filters)
+        runner = asyncio.create_task(frontend.run())
+        for end in range(1600, speech.size + 1600, 1600):
+            start = min(activity.scored_until, mel.needs_from())
+            await frontend.listen(activity, mel, speech[start : min(end, speech.size)], start)
+        runner.cancel()
+
+    asyncio.run(stream())
+    scores = activity.scores()
     own = decoder.decode_window(speech, options)
-    kept = decoder.decode_window(speech, options, heard=Heard(0, scores, None))
+    from faster_whisper import WhisperModel
+
+    encodes, encode = [], WhisperModel.encode
+    monkeypatch.setattr(WhisperModel, "encode", lambda model, features: encodes.append(features.shape) or encode(model, features))
+    kept = decoder.decode_window(speech, options, heard=Heard(0, scores, mel.snapshot()))
+    # Its encoder runs once: transcribe is handed that output for its own features, equal within rounding.
+    assert len(encodes) == 1, encodes
     assert kept.text == own.text and wer(manifest()[SHORT]["text"], kept.text) <= 0.1, kept.text
     # Scores that hear no speech leave nothing to decode: the final read them, not its own VAD.
     assert decoder.decode_window(speech, options, heard=Heard(0, np.zeros_like(scores), None)).words == ()
