@@ -189,15 +189,16 @@ class Decoder:
         did seeks there and runs again. The alignment, one decoder pass over the text, gives each word
         its time, so the session can tell where the decode stopped reading. The encoder runs once:
         language detection and the alignment use its output, and transcribe is handed it back. A
-        stream's final (``heard``) takes its VAD and features from what its session kept, as partials do.
+        stream's final (``heard``) takes its speech chunks from the VAD scores its session kept.
         """
         model = self.model
         chunks = speech_chunks(audio) if heard is None else heard.spans(audio.size)
         if not chunks:
             return Transcript((), options.language, language_probability=0.0)
         speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])
-        features = (model.feature_extractor(speech)[:, :-1] if heard is None else window_features(
-            heard.kept, audio, heard.start, [(c["start"], c["end"]) for c in chunks], model.feature_extractor.mel_filters))
+        # Features computed afresh, not the kept frames (equal within float rounding): on int8 weights
+        # that rounding flipped a word now and then, and a final must not depend on partials' timing.
+        features = model.feature_extractor(speech)[:, :-1]
         frames = min(N_FRAMES, features.shape[-1])  # what transcribe's one segment holds
         segment = pad_or_trim(features[:, :frames])
         trim, span = self.settings.trim_encoder_input, options.encoder

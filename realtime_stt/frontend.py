@@ -63,7 +63,7 @@ class Heard:
 
     start: int  # the window's first sample in the utterance, on the frame grid (features.window_grid)
     scores: np.ndarray  # Silero's score of every frame of the utterance scored so far
-    kept: KeptFrames  # the utterance's log-mel frames
+    kept: KeptFrames | None  # the utterance's log-mel frames (None for a final: decoder.decode_window)
 
     def spans(self, size: int) -> list[dict]:
         """The window's speech chunks (samples of the window), each start and every end but the last

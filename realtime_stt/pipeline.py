@@ -181,6 +181,11 @@ class Pipeline:
             self._closed = True
             self.engine.forget(self)
 
+    def end(self) -> None:
+        """The session is closing: its queued work goes stale, and it counts as a speaker no more,
+        before the client hears the close (a client that reconnects at once finds its slot free)."""
+        self._closed = True
+
     def feed(self, data: bytes) -> None:
         """Take int16 little-endian PCM; a chunk may end in the middle of a sample."""
         data = self._odd_byte + data
@@ -205,7 +210,7 @@ class Pipeline:
         """Whether this speaker counts against the capacity: from the start until a final, and again
         from the next utterance's audio. A push-to-talk client that opens a socket for each
         utterance is thus counted once, not twice while its last socket is closing."""
-        return not self._finished
+        return not self._finished and not self._closed
 
     @property
     def has_audio(self) -> bool:
@@ -440,8 +445,9 @@ class Pipeline:
 
     @staticmethod
     def _heard(utterance: Utterance) -> Heard:
-        """The whole utterance's VAD and features as the stream computed them, for its final."""
-        return Heard(0, utterance.speech.scores(), utterance.mel.snapshot())
+        """The whole utterance's VAD scores as the stream computed them, for its final (which
+        computes its features afresh: decoder.decode_window)."""
+        return Heard(0, utterance.speech.scores(), None)
 
     def _final_decodes_whole(self, utterance: Utterance) -> bool:
         mode = self.settings.final_mode
