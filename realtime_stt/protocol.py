@@ -212,6 +212,7 @@ class SocketSession:
     async def _close(self, code: int, reason: str, ending: str, *, flush: bool = True) -> None:
         """Send what is waiting (a client that reads gets every answer before the close), then close."""
         logger.info("closing session: %s (%d)", reason, code)
+        self.pipeline.end()
         try:
             async with asyncio.timeout(CLOSE_SECONDS):
                 if flush:
