@@ -116,6 +116,9 @@ def start_bench(out, *args: str) -> tuple[subprocess.Popen, list[psutil.Process]
         [sys.executable, "-m", "bench", "--model", "tiny.en", "--env", "INFERENCE_WORKERS=2", "--files", "en_cmu_goforward.wav",
          *args, "--sweep", "--max-streams", "2", "--sweep-seconds", "900", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # As a terminal's process has it: a run launched as a background job inherits SIGINT ignored,
+        # and the Ctrl-C below must not depend on how the suite was started.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 600  # the offline decode, the server's start, the main run
