@@ -151,7 +151,7 @@ class Decoder:
     def decode(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None,
                heard: Heard | None = None) -> Transcript:
         if options.offline and audio.size <= WINDOW_SAMPLES:
-            return self.decode_window(audio, options, voided or (lambda: False), heard)
+            return self.decode_window(audio, options, voided, heard)
         segments, info = self.model.transcribe(
             audio,
             language=options.language,
@@ -180,7 +180,7 @@ class Decoder:
         )
         return Transcript(words, info.language, language_probability=info.language_probability)
 
-    def decode_window(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] = lambda: False,
+    def decode_window(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None,
                       heard: Heard | None = None) -> Transcript:
         """An utterance that fits one 30 s window, decoded as offline faster-whisper would, without
         timestamp tokens, then aligned word by word.
@@ -198,16 +198,15 @@ class Decoder:
         speech = np.concatenate([audio[c["start"] : c["end"]] for c in chunks])
         # Features computed afresh, not the kept frames (equal within float rounding): on int8 weights
         # that rounding flipped a word now and then, and a final must not depend on partials' timing.
-        features = model.feature_extractor(speech)[:, :-1]
-        frames = min(N_FRAMES, features.shape[-1])  # what transcribe's one segment holds
+        features = model.feature_extractor(speech)
+        frames = min(N_FRAMES, features.shape[-1] - 1)  # what transcribe's one segment holds
         segment = pad_or_trim(features[:, :frames])
-        trim, span = self.settings.trim_encoder_input, options.encoder
-        encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, : span.width(frames) if trim and span else N_FRAMES]))
+        encoded = WhisperModel.encode(model, np.ascontiguousarray(segment[:, : self._width(frames, options.encoder)]))
         language, probability = options.language or (None if self.multilingual else "en"), 1.0
         if language is None:
             [found] = model.model.detect_language(encoded)
             language, probability = found[0][0][2:-2], float(found[0][1])
-        if voided():  # asked once the encoder has run: the decoder's steps are most of the cost
+        if voided is not None and voided():  # asked once the encoder has run: the decoder's steps are most of the cost
             raise Voided
         token = encoded_here.set((segment, encoded))
         try:
@@ -333,15 +332,17 @@ class Decoder:
     def _encode(self, features: list[np.ndarray], span: EncoderSpan | None) -> tuple[Any, np.ndarray | None]:
         """The encoder output of every window, padded to one width; and the array it borrows, if any."""
         model = self.model
-        width = N_FRAMES
-        if self.settings.trim_encoder_input and span is not None:
-            width = span.width(max(f.shape[-1] for f in features))
+        width = self._width(max(f.shape[-1] for f in features), span)
         batch = np.stack([np.pad(f[:, :width], ((0, 0), (0, width - min(f.shape[-1], width)))) for f in features])
         if self.device == "cpu" and len(batch) > 2:
             # Two windows at a time: on CPU one encode of 8 takes longer than four of 2 (README).
             pairs = np.concatenate([np.asarray(WhisperModel.encode(model, batch[i : i + 2])) for i in range(0, len(batch), 2)])
             return ctranslate2.StorageView.from_array(pairs), pairs
         return WhisperModel.encode(model, batch), None
+
+    def _width(self, frames: int, span: EncoderSpan | None) -> int:
+        """The frames an encode of ``frames`` frames of features gets: the span's width, or the whole window."""
+        return span.width(frames) if self.settings.trim_encoder_input and span is not None else N_FRAMES
 
     def _languages(self, group: Sequence[_Voiced], encoded: Any) -> list[tuple[str, float]]:
         """Each window's language and its probability: as given, or detected (one decoder step on
