@@ -178,7 +178,7 @@ class Pipeline:
                 tasks.create_task(self._make_partials())
                 tasks.create_task(self._watch_speech())
         finally:
-            self._closed = True
+            self.end()
             self.engine.forget(self)
 
     def end(self) -> None:
@@ -209,7 +209,8 @@ class Pipeline:
     def active(self) -> bool:
         """Whether this speaker counts against the capacity: from the start until a final, and again
         from the next utterance's audio. A push-to-talk client that opens a socket for each
-        utterance is thus counted once, not twice while its last socket is closing."""
+        utterance is thus counted once, not twice while its last socket is closing; nor is a session
+        the server is closing (``end``)."""
         return not self._finished and not self._closed
 
     @property

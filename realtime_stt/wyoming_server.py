@@ -45,9 +45,7 @@ logger = logging.getLogger(__name__)
 PROGRAM = "realtime-stt"
 MAX_HEADER_BYTES = 64 * 1024  # one header line; the StreamReader's buffer limit
 MAX_DATA_BYTES = 64 * 1024  # the JSON after a header (data_length)
-# An audio chunk's payload (Home Assistant's hold 1024 samples): 4 MiB is two minutes of 16 kHz
-# int16. A larger one is refused before it is read.
-MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # an audio chunk (HA's: 1024 samples); 2 min of 16 kHz int16; larger refused unread
 MOST_QUEUED = 64  # events waiting for one client, besides merged chunks; past it the client is not reading
 CLOSE_SECONDS = 2.0  # how long a close may wait on a client that reads nothing
 RATES = (1_000, 384_000)  # sample rates taken, in Hz
@@ -314,6 +312,8 @@ class WyomingSession:
     async def _close(self, code: str, message: str, ending: str) -> None:
         """Tell the client why (an ``error`` event), send what waits, then end the connection."""
         logger.info("closing wyoming connection: %s (%s)", message, code)
+        if self.pipeline is not None:
+            self.pipeline.end()  # a client that reconnects once it reads the error finds its slot free
         self._queue(Error(text=message, code=code).event())
         await self._flushed()
         raise Ending(ending)
