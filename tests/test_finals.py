@@ -57,10 +57,11 @@ def test_a_voided_speculative_final_stops_and_the_next_one_runs(engine):
 def test_a_streams_final_reads_the_vad_its_session_kept(monkeypatch):
     """A stream's final takes its speech chunks from the scores its session kept instead of running
     Silero over the whole utterance again."""
+    from faster_whisper import WhisperModel
+
     from realtime_stt.decoder import Decoder
-    from realtime_stt.frontend import Heard
     from realtime_stt.features import MelFrames
-    from realtime_stt.frontend import Frontend
+    from realtime_stt.frontend import Frontend, Heard
     from realtime_stt.vad import SpeechActivity
 
     decoder = Decoder(Settings(model_id=tiny_model_path(), cpu_threads=2))
@@ -79,8 +80,6 @@ def test_a_streams_final_reads_the_vad_its_session_kept(monkeypatch):
     asyncio.run(stream())
     scores = activity.scores()
     own = decoder.decode_window(speech, options)
-    from faster_whisper import WhisperModel
-
     encodes, encode = [], WhisperModel.encode
     monkeypatch.setattr(WhisperModel, "encode", lambda model, features: encodes.append(features.shape) or encode(model, features))
     kept = decoder.decode_window(speech, options, heard=Heard(0, scores, None))
