@@ -126,14 +126,19 @@ class LiveCosts:
         self._partials: deque[float] = deque(maxlen=LIVE_CALLS)
         self._finals: deque[float] = deque(maxlen=LIVE_CALLS)
         self._shares: deque[float] = deque(maxlen=LIVE_CALLS)
+        # Read several times per partial of every session, changed once per model call: kept until then.
+        self._costs: Costs | None = None
+        self._share: float | None = None
 
     def partial_ran(self, rows: int, seconds: float) -> None:
         self._partials.append(seconds / self.prior.partial(rows))
+        self._costs = self._share = None
 
     def final_ran(self, speech_seconds: float, seconds: float) -> None:
         if speech_seconds > 0:
             self._finals.append(seconds / self.prior.final(speech_seconds))
             self._shares.append(seconds / speech_seconds)
+            self._costs = self._share = None
 
     @property
     def seen(self) -> dict[str, int]:
@@ -144,12 +149,68 @@ class LiveCosts:
         return _median(self._partials), _median(self._finals)
 
     def costs(self) -> Costs:
-        return self.prior.scaled(*self.scale())
+        """The same object until the next call is recorded (Engine.capacity keeps its answer as long)."""
+        if self._costs is None:
+            self._costs = self.prior.scaled(*self.scale())
+        return self._costs
 
     def finals_share(self) -> float:
-        if len(self._shares) < LIVE_AFTER:
-            return prior_finals_share(self.costs())
-        return statistics.median(self._shares)
+        if self._share is None:
+            self._share = prior_finals_share(self.costs()) if len(self._shares) < LIVE_AFTER else statistics.median(self._shares)
+        return self._share
+
+
+class RecentPartials:
+    """Who asked for a partial lately, and how late recent partials came: what the load rules read
+    (capacity, cadence, admission), a few times per partial of every session. Kept in order, so
+    that what ages out leaves from the front and a read costs no more than what changed.
+    Times are the event loop's, passed in (``now``)."""
+
+    def __init__(self, streaming_seconds: float, lag_seconds: float, most: int = 4096) -> None:
+        self.streaming_seconds = streaming_seconds
+        self.lag_seconds = lag_seconds
+        self._asked: dict[object, float] = {}  # requester -> its last ask, oldest ask first
+        self._lags: deque[tuple[float, float, object]] = deque(maxlen=most)  # (when, lag, requester)
+        self._sorted: list[float] | None = None  # the lags in order, until they change
+
+    def asked(self, requester: object, now: float) -> None:
+        self._asked.pop(requester, None)
+        self._asked[requester] = now
+
+    def streaming(self, now: float) -> dict[object, float]:
+        """The requesters that asked within ``streaming_seconds`` (read-only: the dict itself)."""
+        since = now - self.streaming_seconds
+        while self._asked:
+            requester, asked = next(iter(self._asked.items()))
+            if asked >= since:
+                break
+            del self._asked[requester]
+        return self._asked
+
+    def answered(self, requester: object, lag: float, now: float) -> None:
+        """A partial came ``lag`` seconds after it was asked for."""
+        self._lags.append((now, lag, requester))
+        self._sorted = None
+
+    def lag(self, quantile: float, now: float) -> float:
+        """A quantile of the lags of the last ``lag_seconds`` (0 with none)."""
+        since = now - self.lag_seconds
+        while self._lags and self._lags[0][0] < since:
+            self._lags.popleft()
+            self._sorted = None
+        if self._sorted is None:
+            self._sorted = sorted(lag for _, lag, _ in self._lags)
+        lags = self._sorted
+        return lags[int(quantile * (len(lags) - 1))] if lags else 0.0
+
+    def forget(self, requester: object) -> None:
+        """An ended session: neither streaming nor late any more."""
+        self._asked.pop(requester, None)
+        kept = [lag for lag in self._lags if lag[2] is not requester]
+        if len(kept) < len(self._lags):
+            self._lags.clear()
+            self._lags.extend(kept)
+            self._sorted = None
 
 
 def _median(ratios: deque[float]) -> float:

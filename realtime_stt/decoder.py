@@ -147,6 +147,7 @@ class Decoder:
         self.multilingual: bool = bool(self.model.model.is_multilingual)
         # large-v3-turbo was fine-tuned on transcription only: its translations are not English.
         self.can_translate = self.multilingual and "turbo" not in settings.model_id.lower()
+        self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
 
     def decode(self, audio: np.ndarray, options: DecodeOptions, voided: Callable[[], bool] | None = None,
                heard: Heard | None = None) -> Transcript:
@@ -308,7 +309,13 @@ class Decoder:
         return results
 
     def _tokenizer(self, task: str, language: str) -> Tokenizer:
-        return Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
+        """One per task and language, kept: it caches what every batch asks of it (the tokens
+        suppressed, the start sequence), which took longer to build than the batch's own Python."""
+        key = (task, language)
+        tokenizer = self._tokenizers.get(key)
+        if tokenizer is None:  # two workers may both build one: either is the same
+            tokenizer = self._tokenizers[key] = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
+        return tokenizer
 
     def _decode_group(self, group: Sequence[_Voiced], options: DecodeOptions, span: EncoderSpan | None) -> list[Transcript]:
         features = [v.features for v in group]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from realtime_stt.calibration import Plan, calibrate, working_settings
-from realtime_stt.capacity import LiveCosts, capacity, loaded, partial_interval
+from realtime_stt.capacity import LiveCosts, RecentPartials, capacity, loaded, partial_interval
 from realtime_stt.decoder import DecodeOptions, Segment, Transcript, Voided, speech_chunks
 from realtime_stt.frontend import Frontend, Heard
 from realtime_stt.metrics import Metrics
@@ -107,10 +107,9 @@ class Engine:
         self._busy: deque[tuple[float, float]] = deque()  # recent (start, end) of model calls
         self._running: dict[object, float] = {}  # model calls under way -> when they started
         self._finals_worker_busy = False  # the worker that takes no partials is running a job
-        self._partial_asked: dict[object, float] = {}  # requester -> when it last asked for a partial
-        # (when, seconds from request to text, requester) of recent partials; bounded, as nobody may
-        # ask for the lag for a long time.
-        self._lags: deque[tuple[float, float, object]] = deque(maxlen=4096)
+        self._recent = RecentPartials(LOAD_WINDOW_SECONDS, LAG_WINDOW_SECONDS)  # who streams, how late
+        self._capacity: tuple[object, int] = (None, 0)  # the live costs it was computed from, and it
+        self._largest_batch = 0
         self._uploads_resume_at = 0.0  # loop time before which no upload step starts (upload_pause)
 
     async def start(self) -> None:
@@ -158,8 +157,7 @@ class Engine:
         job = Job(priority, next(self._seq), audio, options, is_stale, loop.create_future(), requester,
                   submitted=loop.time(), heard=heard, voided=voided)
         if priority == PRIORITY_PARTIAL:
-            self._streaming()
-            self._partial_asked[requester] = loop.time()
+            self._recent.asked(requester, loop.time())
             self._partial_queued.set()
         self._queue.append(job)
         self._queued.set()
@@ -202,17 +200,13 @@ class Engine:
         with one worker, the model mostly idle. Judged by the load alone, one speaker's own partials
         kept it above the bound on a busy 2-core machine, and the decode never started (README, "Finals")."""
         return may_speculate(
-            others_streaming=bool(self._streaming() - {requester}), workers=self.workers,
+            others_streaming=any(r is not requester for r in self._streaming()), workers=self.workers,
             finals_worker_busy=self._finals_worker_busy, load=self.load,
         )
 
-    def _streaming(self) -> set[object]:
-        """The requesters that asked for a partial in the last LOAD_WINDOW_SECONDS; the others are forgotten."""
-        since = asyncio.get_running_loop().time() - LOAD_WINDOW_SECONDS
-        for requester, asked in list(self._partial_asked.items()):
-            if asked < since:
-                del self._partial_asked[requester]
-        return set(self._partial_asked)
+    def _streaming(self) -> dict[object, float]:
+        """The requesters that asked for a partial in the last LOAD_WINDOW_SECONDS (read-only)."""
+        return self._recent.streaming(asyncio.get_running_loop().time())
 
     def load(self) -> float:
         """The share of the workers' last few seconds spent on model calls: speculation only uses spare time."""
@@ -226,11 +220,7 @@ class Engine:
         """How late partials are now: a quantile (the 90th percentile unless asked) of the time the
         partials of the last few seconds took from their request to their text (0 with none). The
         median is the sustained lag: a final or a burst that holds up one round moves it little."""
-        since = asyncio.get_running_loop().time() - LAG_WINDOW_SECONDS
-        while self._lags and self._lags[0][0] < since:
-            self._lags.popleft()
-        lags = sorted(lag for _, lag, _ in self._lags)
-        return lags[int(quantile * (len(lags) - 1))] if lags else 0.0
+        return self._recent.lag(quantile, asyncio.get_running_loop().time())
 
     def partial_interval(self, *, speaking: bool, first_words: bool = False) -> float:
         """Seconds between a session's partials now: faster while the speaker speaks and the model
@@ -257,16 +247,15 @@ class Engine:
     def forget(self, requester: object) -> None:
         """A session has ended: its partials no longer tell how late the live ones are (a burst that
         has ended must not keep refusing the next speakers)."""
-        self._partial_asked.pop(requester, None)
-        kept = [lag for lag in self._lags if lag[2] is not requester]
-        self._lags.clear()
-        self._lags.extend(kept)
+        self._recent.forget(requester)
 
     def capacity(self) -> int:
         """Real-time speakers the workers serve within the bounds, by the live costs (capacity.py)."""
-        settings = self.settings
-        return capacity(self.live.costs(), self.live.finals_share(), workers=self.workers,
-                        max_batch=settings.max_batch, cadence=settings.partial_every_ms / 1000)
+        settings, costs = self.settings, self.live.costs()
+        if self._capacity[0] is not costs:  # a model call has run since: the costs are new
+            self._capacity = (costs, capacity(costs, self.live.finals_share(), workers=self.workers,
+                                              max_batch=settings.max_batch, cadence=settings.partial_every_ms / 1000))
+        return self._capacity[1]
 
     def cost_per_speaker(self) -> dict[str, float]:
         """What one real-time speaker costs the workers now, in model seconds per second: a share of
@@ -358,7 +347,8 @@ class Engine:
     async def _run(self, batch: list[Job]) -> None:
         metrics = self.metrics
         metrics.batch_size.observe(len(batch))
-        if len(batch) > (metrics.registry.get_sample_value("stt_largest_batch") or 0):
+        if len(batch) > self._largest_batch:
+            self._largest_batch = len(batch)
             metrics.largest_batch.set(len(batch))
         kind = KINDS[batch[0].priority]
         if batch[0].priority == PRIORITY_SPECULATIVE:
@@ -389,7 +379,7 @@ class Engine:
                 if not job.future.done():
                     job.future.set_result(result)
                 if job.priority == PRIORITY_PARTIAL:
-                    self._lags.append((loop.time(), loop.time() - job.submitted, job.requester))
+                    self._recent.answered(job.requester, loop.time() - job.submitted, loop.time())
             seconds = loop.time() - start
             if batch[0].priority == PRIORITY_PARTIAL:
                 self.live.partial_ran(len(batch), seconds)

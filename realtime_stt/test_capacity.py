@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from realtime_stt.capacity import (
     LADDER,
     LIVE_AFTER,
     Costs,
     LiveCosts,
+    RecentPartials,
     capacity,
     largest_batch,
     loaded,
@@ -85,6 +90,22 @@ def test_live_costs_keep_the_prior_until_enough_calls_then_follow_them():
     assert live.seen == {"partial_batches": LIVE_AFTER, "finals": LIVE_AFTER}
 
 
+def test_live_costs_read_between_calls_follow_every_call():
+    live = LiveCosts(TINY)
+    ratios, shares = [], []
+    for n in range(3 * LIVE_AFTER):
+        live.costs(), live.finals_share()  # read, as the engine does between calls
+        ratio = 1.0 + n / 10
+        live.partial_ran(2, ratio * TINY.partial(2))
+        live.final_ran(5.0, ratio * TINY.final(5.0))
+        ratios.append(ratio)
+        shares.append(ratio * TINY.final(5.0) / 5.0)
+        if len(ratios) >= LIVE_AFTER:
+            median = statistics.median(ratios)
+            assert vars(live.costs()) == pytest.approx(vars(TINY.scaled(median, median)))
+            assert live.finals_share() == pytest.approx(statistics.median(shares))
+
+
 def test_a_spike_moves_the_live_scale_little_and_a_sustained_change_moves_it():
     live = LiveCosts(TINY)
     for _ in range(3 * LIVE_AFTER):
@@ -137,3 +158,38 @@ def test_a_lone_speaker_gets_the_fast_grids_whenever_one_partial_fits_them():
     assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.2, **first) == 0.25
     assert partial_interval(500, 250, lag=0.1, speakers=1, capacity=1, alone_seconds=0.3) == 0.5  # too slow
     assert partial_interval(500, 250, lag=0.1, speakers=2, capacity=1, alone_seconds=0.01) == 0.5  # not alone
+
+
+# One step each: a session asks for a partial, a partial is answered, a session ends, or the load is read.
+_STEPS = st.lists(
+    st.tuples(st.sampled_from(["ask", "answer", "forget", "read"]), st.integers(0, 4), st.floats(0, 2), st.floats(0, 3)),
+    max_size=60,
+)
+
+
+@given(_STEPS)
+# A session that asks again is the newest asker: one that asked once in between ages out before it.
+@example([("ask", 0, 0.0, 0.0), ("ask", 1, 0.0, 0.5), ("ask", 0, 0.0, 3.0), ("read", 0, 0.0, 0.5)])
+def test_recent_partials_read_as_a_fresh_count_and_sort_of_what_is_recent(steps):
+    recent = RecentPartials(streaming_seconds=3.0, lag_seconds=5.0)
+    asked: dict[int, float] = {}
+    lags: list[tuple[float, float, int]] = []
+    now = 0.0
+    for step, who, lag, later in steps:
+        now += later
+        if step == "ask":
+            recent.asked(who, now)
+            asked[who] = now
+        elif step == "answer":
+            recent.answered(who, lag, now)
+            lags.append((now, lag, who))
+        elif step == "forget":
+            recent.forget(who)
+            asked.pop(who, None)
+            lags = [entry for entry in lags if entry[2] != who]
+        else:
+            streaming = {r for r, t in asked.items() if t >= now - 3.0}
+            assert set(recent.streaming(now)) == streaming
+            kept = sorted(l for t, l, _ in lags if t >= now - 5.0)
+            for quantile in (0.5, 0.9):
+                assert recent.lag(quantile, now) == (kept[int(quantile * (len(kept) - 1))] if kept else 0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -28,4 +28,4 @@ def norm(text: str) -> str:
 
 def shift(words: Sequence[Word], seconds: float) -> list[Word]:
     """Window-relative word times to utterance times."""
-    return [replace(w, start=w.start + seconds, end=w.end + seconds) for w in words]
+    return [Word(w.start + seconds, w.end + seconds, w.text, w.probability) for w in words]
