@@ -38,7 +38,8 @@ The code, in ``realtime_stt/``, one module per concern; imports point down this 
 - ``decoder``    the decodes, run in worker threads; every faster-whisper internal the server
                  calls is here (pinned in requirements.txt). A stream's final reads the VAD and
                  features its session kept, as its partials do.
-- ``model``      loading the model (device, workers, the clear error), and its encode given back.
+- ``model``      loading the model (device, workers, the clear error), its encode given back,
+                 and the memory its calls free kept for the next (glibc's malloc).
 - ``audio_file`` an uploaded file read with PyAV as faster-whisper reads one, counted as it goes.
 - ``policy``     pure streaming rules: LocalAgreement (what is committed, what is shown), when a
                  detected language is settled, guards against loops and re-read words.

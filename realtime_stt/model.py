@@ -1,5 +1,6 @@
 """Loading the model: where it runs, how many calls at once, and the clear error when it cannot be
-loaded; and the one change made to faster-whisper's model (an encode given back, not run again)."""
+loaded; the one change made to faster-whisper's model (an encode given back, not run again); and
+the memory its calls free, kept by the C allocator for the next call."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import re
 # inputs change shape with every window, so the cache grew the server's memory for minutes and gave
 # no speed back (README, "Memory"). A small cache keeps the shapes that repeat (decoder steps).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+import ctypes
+import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,35 @@ from faster_whisper import WhisperModel
 from threadpoolctl import threadpool_limits
 
 from realtime_stt.settings import Settings
+
+
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
+    """Have glibc's malloc keep the memory the model frees, for its next call: one heap for all
+    threads, no buffer of its own mapping, nothing handed back to the kernel (up to 1 GiB free).
+
+    CTranslate2 allocates and frees its buffers on every call (the logits over Whisper's vocabulary
+    at each step and each aligned position). Left alone, glibc gave its threads heaps of their own,
+    served the large buffers from fresh mappings and handed them back, so every call page-faulted
+    them in again: half the model threads' CPU was the kernel's (README, "The server's own cost").
+    It must run before the model's threads first allocate: model.py's import is before them (uvicorn
+    imports the app before it serves). Not done where the environment sets a MALLOC_ tunable (the
+    operator's choice stands), nor on another C library.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name.startswith(("MALLOC_", "GLIBC_TUNABLES")) for name in environ):
+        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    return all(mallopt(option, value) == 1 for option, value in
+               ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, KEEP_FREED_BYTES), (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
+
+
+FREED_MEMORY_KEPT = keep_freed_memory()
 
 
 class ModelLoadError(RuntimeError):
