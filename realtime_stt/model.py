@@ -29,6 +29,7 @@ from realtime_stt.settings import Settings
 # glibc's mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 KEEP_FREED_BYTES = 1 << 30
+MALLOC_ENVIRONMENT = ("MALLOC_", "GLIBC_TUNABLES")  # variables that tune glibc's malloc: the operator's choice
 
 
 def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
@@ -45,7 +46,7 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if any(name.startswith(("MALLOC_", "GLIBC_TUNABLES")) for name in environ):
+    if any(name.startswith(MALLOC_ENVIRONMENT) for name in environ):
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     return all(mallopt(option, value) == 1 for option, value in

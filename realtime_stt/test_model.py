@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from realtime_stt.model import MALLOC_ENVIRONMENT
+
 # In a fresh process: import the model module (which tells glibc to keep freed memory, unless the
 # environment sets a MALLOC_ tunable), then from another thread, as CTranslate2's workers do,
 # allocate, fill and free a 64 MiB buffer twenty times (as the logits of a call), counting page faults.
@@ -37,7 +39,7 @@ PAGES = (64 << 20) // 4096  # one buffer's pages
 
 
 def faults(**environ: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))} | environ
+    env = {k: v for k, v in os.environ.items() if not k.startswith(MALLOC_ENVIRONMENT)} | environ
     out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
