@@ -96,7 +96,7 @@ class Engine:
         self.languages, self.multilingual = self.decoder.languages, self.decoder.multilingual
         self.can_translate = self.decoder.can_translate
         # Every session's VAD and log-mel frames, in rounds over all of them (frontend.py).
-        self.frontend = Frontend(self.decoder.model.feature_extractor.mel_filters)
+        self.frontend = Frontend(self.decoder.model.feature_extractor.mel_filters, metrics.scoring_rounds)
         metrics.queue_depth.set_function(lambda: len(self._queue))
         self._queue: list[Job] = []  # taken in Job order (finals, partials, speculation; oldest first)
         self._queued = asyncio.Event()
@@ -200,9 +200,13 @@ class Engine:
         with one worker, the model mostly idle. Judged by the load alone, one speaker's own partials
         kept it above the bound on a busy 2-core machine, and the decode never started (README, "Finals")."""
         return may_speculate(
-            others_streaming=any(r is not requester for r in self._streaming()), workers=self.workers,
+            others_streaming=self.others_streaming(requester), workers=self.workers,
             finals_worker_busy=self._finals_worker_busy, load=self.load,
         )
+
+    def others_streaming(self, requester: object) -> bool:
+        """Whether a session other than ``requester`` asked for a partial in the last LOAD_WINDOW_SECONDS."""
+        return any(r is not requester for r in self._streaming())
 
     def _streaming(self) -> dict[object, float]:
         """The requesters that asked for a partial in the last LOAD_WINDOW_SECONDS (read-only)."""

@@ -15,6 +15,7 @@ import bisect
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Histogram
 
 from realtime_stt.features import HOP, KeptFrames, MelFrames, log_mel
 from realtime_stt.vad import VAD_FRAME, SpeechActivity, speech_probabilities, speech_spans
@@ -89,8 +90,9 @@ class _Request:
 class Frontend:
     """The rounds of scoring; ``run`` serves them until cancelled (Engine.start starts it)."""
 
-    def __init__(self, filters: np.ndarray) -> None:
+    def __init__(self, filters: np.ndarray, rounds: Histogram) -> None:
         self.filters = filters  # the model's mel filter bank
+        self._rounds = rounds  # observes the requests each round serves
         self._pending: list[_Request] = []
         self._wake = asyncio.Event()
 
@@ -117,6 +119,7 @@ class Frontend:
             requests, self._pending = self._pending, []
             if not requests:
                 continue
+            self._rounds.observe(len(requests))
             try:
                 results = await asyncio.to_thread(self._compute, requests)
             except Exception as exc:  # handed to the sessions that asked, which report it

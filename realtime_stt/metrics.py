@@ -54,6 +54,10 @@ class Metrics:
             "stt_partial_window_seconds", "Seconds of audio a partial decode reads: its window, shorter on a loaded machine",
             buckets=WINDOW_BUCKETS, registry=registry,
         )
+        self.scoring_rounds = Histogram(
+            "stt_scoring_round_requests", "Sessions' requests for VAD and log-mel scored in one round (frontend.py)",
+            buckets=BATCH_BUCKETS, registry=registry,
+        )
         self.largest_batch = Gauge("stt_largest_batch", "Most decodes in one model call so far", registry=registry)
         self.queue_depth = Gauge("stt_queue_depth", "Decodes waiting for a worker", registry=registry)
         self.stale_dropped = Counter("stt_stale_dropped", "Decodes dropped unrun: their session moved on", registry=registry)

@@ -154,6 +154,12 @@ class Pipeline:
     # again, so what follows a pause is not lost. Tentative words are not enough evidence: a tail
     # decode after them can add words of its own.
     SKIPPED_SPEECH_HEARD_SECONDS = 1.0
+    # Alone, a session's audio is scored as each message comes, so that its pauses and speculative
+    # final are noticed at once. While others stream (no speculation then), it is scored once this
+    # much waits, or when a partial or the final reads it: under load most messages then cost no hop
+    # to the frontend's rounds, and speech after a pause is noticed up to 0.2 s later. Turns ended
+    # by the VAD (OpenAI's server VAD: ``on_speech``) are always scored as the audio comes.
+    SCORE_SHARED_SECONDS = 0.3
 
     def __init__(self, engine: Engine, settings: Settings, publish: Callable[[Partial], Awaitable[None]]) -> None:
         self.engine = engine
@@ -199,7 +205,10 @@ class Pipeline:
         self._finished = False
         self.engine.metrics.audio_seconds.inc(samples.size / SAMPLE_RATE)
         self._audio_arrived.set()
-        self._audio_to_score.set()
+        waiting = self.utterance.audio.end - self.utterance.speech.scored_until
+        shared = self.on_speech is None and self.engine.others_streaming(self)
+        if not shared or waiting >= self.SCORE_SHARED_SECONDS * SAMPLE_RATE:
+            self._audio_to_score.set()
 
     def discard(self) -> None:
         """Drop the utterance under way undecoded (cleared, or no speech in it); work on it goes stale."""
@@ -238,12 +247,9 @@ class Pipeline:
 
     def _window_options(self, utterance: Utterance, seconds: float, *, final: bool) -> DecodeOptions:
         return DecodeOptions(
-            language=utterance.language.language if utterance.language.settled else None,
-            task=self.options.task,
-            beam_size=self.options.beam_size,
-            prompt=utterance.policy.prompt(),
-            temperatures=(0.0, 0.2, 0.4, 0.6) if final else (0.0,),
-            max_new_tokens=token_budget(seconds),
+            language=utterance.language.language if utterance.language.settled else None, task=self.options.task,
+            beam_size=self.options.beam_size, prompt=utterance.policy.prompt(),
+            temperatures=(0.0, 0.2, 0.4, 0.6) if final else (0.0,), max_new_tokens=token_budget(seconds),
             encoder=None if final else PARTIAL_ENCODER,
         )
 
@@ -435,14 +441,8 @@ class Pipeline:
             self._finalizing = False
 
     def _final_options(self) -> DecodeOptions:
-        return DecodeOptions(
-            self.options.language,
-            self.options.task,
-            self.options.beam_size,
-            temperatures=(0.0, 0.2, 0.4, 0.6),
-            offline=True,
-            encoder=FINAL_ENCODER,
-        )
+        language, task, beam_size = self.options.language, self.options.task, self.options.beam_size
+        return DecodeOptions(language, task, beam_size, temperatures=(0.0, 0.2, 0.4, 0.6), offline=True, encoder=FINAL_ENCODER)
 
     @staticmethod
     def _heard(utterance: Utterance) -> Heard:

@@ -41,6 +41,7 @@ def test_sessions_scored_together_in_rounds_get_the_probabilities_each_gets_alon
 
     from realtime_stt.features import MelFrames, window_features
     from realtime_stt.frontend import Frontend
+    from realtime_stt.metrics import Metrics
 
     extractor = FeatureExtractor()
     audios = [_speech_like(4.0 + k, k) for k in range(4)]
@@ -48,7 +49,7 @@ def test_sessions_scored_together_in_rounds_get_the_probabilities_each_gets_alon
     rounds = []
 
     async def feed_all() -> None:
-        frontend = Frontend(extractor.mel_filters)
+        frontend = Frontend(extractor.mel_filters, Metrics().scoring_rounds)
         compute = frontend._compute
         frontend._compute = lambda requests: rounds.append(len(requests)) or compute(requests)
         runner = asyncio.create_task(frontend.run())

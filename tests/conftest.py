@@ -52,12 +52,13 @@ def read_pcm(name: str) -> bytes:
         return wav.readframes(wav.getnframes())
 
 
-def metrics(server) -> dict[str, float]:
-    """Every sample of the server's /metrics, parsed by prometheus-client's own parser:
-    'name{label=value}' -> value."""
+def metrics(server, key: str | None = None) -> dict[str, float]:
+    """Every sample of the server's /metrics (with API_KEY set, ``key`` is sent), parsed by
+    prometheus-client's own parser: 'name{label=value}' -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(server.base_url + "/metrics", timeout=5) as response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with urllib.request.urlopen(urllib.request.Request(server.base_url + "/metrics", headers=headers), timeout=5) as response:
         body = response.read().decode()
     samples = {}
     for family in text_string_to_metric_families(body):

@@ -70,7 +70,7 @@ def test_a_streams_final_reads_the_vad_its_session_kept(monkeypatch):
     activity, mel = SpeechActivity(), MelFrames(decoder.model.feature_extractor.mel_filters)
 
     async def stream() -> None:  # as a session keeps them: 100 ms at a time, scored in the frontend's rounds
-        frontend = Frontend(decoder.model.feature_extractor.mel_filters)
+        frontend = Frontend(decoder.model.feature_extractor.mel_filters, Metrics().scoring_rounds)
         runner = asyncio.create_task(frontend.run())
         for end in range(1600, speech.size + 1600, 1600):
             start = min(activity.scored_until, mel.needs_from())

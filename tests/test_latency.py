@@ -1,7 +1,8 @@
 """Words on screen soon after they are spoken: a lone speaker gets partials faster than
 PARTIAL_EVERY_MS while the model has time, faster still until an utterance's first words show, and
 speech after a pause waits for no slow tick (the newest-word rule is pinned in
-realtime_stt/test_policy.py)."""
+realtime_stt/test_policy.py); a lone speaker's audio is scored for speech as it comes, and under
+load in pieces."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import urllib.request
 
 import pytest
 import websockets
-from conftest import read_pcm, speak, start_server, stream
+from conftest import metrics, read_pcm, speak, start_server, stream
 
 SPEECH = "en_librispeech_dev-clean_1272-128104-0000.wav"  # 5.9 s, the first word at 0.2 s
 SLOW, FAST = 2.0, 0.5  # seconds
@@ -105,3 +106,29 @@ def test_until_the_first_words_show_partials_come_on_the_first_words_grid(first_
         assert len(before) >= 2 and max(b - a for a, b in zip(before, before[1:])) < (SLOW + FAST) / 2, before
     else:
         assert all(b - a > (SLOW + FAST) / 2 for a, b in zip(before, before[1:])), before
+
+
+def test_a_lone_speakers_audio_is_scored_as_it_comes_and_with_others_streaming_in_pieces(server):
+    """Alone, each 100 ms message is scored for speech as it comes (its pause, its speculative final
+    noticed at once). While others stream, audio is scored once 0.3 s waits or a partial reads it:
+    fewer requests to the frontend's rounds for the same audio, and the same finals."""
+    pcm = read_pcm("en_librispeech_dev-clean_2412-153948-0000.wav")  # 11.7 s
+    messages = len(range(0, len(pcm), 3200))
+
+    async def speakers(count: int) -> list:
+        async def one():
+            async with websockets.connect(server.ws_url) as ws:
+                return await speak(ws, pcm, config={"language": "en"}, realtime=1.0)
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+    def requests_per_message(count: int) -> tuple[float, list]:
+        before = metrics(server)["stt_scoring_round_requests_sum"]
+        runs = asyncio.run(speakers(count))
+        return (metrics(server)["stt_scoring_round_requests_sum"] - before) / (count * messages), runs
+
+    alone, [run] = requests_per_message(1)
+    shared, runs = requests_per_message(3)
+    assert alone >= 0.6, alone
+    assert shared <= 0.6 * alone, (shared, alone)
+    assert {r.final["text"] for r in runs} == {run.final["text"]}, [r.final for r in [run, *runs]]

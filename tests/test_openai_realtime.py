@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soxr
 import websockets
-from conftest import manifest, read_pcm, speak, start_server, wer
+from conftest import manifest, metrics, read_pcm, speak, start_server, wer
 from openai import AsyncOpenAI
 from openai.types.realtime import (
     RealtimeTranscriptionSessionCreateRequest,
@@ -363,3 +363,28 @@ def test_a_restart_sends_the_final_of_the_turn_under_way_then_1012(realtime):
     seen, code = asyncio.run(scenario())
     finals = [e.transcript for _, e in seen if e.type.endswith(".completed")]
     assert code == 1012 and len(finals) == 1 and wer(reference(FIRST), finals[0]) <= 0.25, seen
+
+
+def test_with_server_vad_audio_is_scored_as_it_comes_while_others_stream(realtime):
+    """A turn ends on the VAD's scores: while another session streams, each 100 ms of a server-VAD
+    session's audio is still scored as it comes, not in the pieces a seed-protocol session waits
+    for under load (tests/test_latency.py), so its speech_stopped and its final come no later."""
+    audio = np.concatenate([at_24k(read_pcm(FIRST)), silence(1.0)])
+    appends = len(range(0, audio.size, 2400))
+
+    async def session() -> None:
+        async with connect(realtime) as conn:
+            await conn.recv()
+            await conn.session.update(session=session_update({"type": "server_vad", "silence_duration_ms": 500}))
+            await conn.recv()
+            receiver = asyncio.create_task(events_until(conn, 1, []))
+            await append_all(conn, audio, speed=1.0)
+            await asyncio.wait_for(receiver, 60)
+
+    async def both() -> None:
+        await asyncio.gather(session(), session())
+
+    before = metrics(realtime, KEY)["stt_scoring_round_requests_sum"]
+    asyncio.run(both())
+    scored = (metrics(realtime, KEY)["stt_scoring_round_requests_sum"] - before) / (2 * appends)
+    assert scored >= 0.75, scored
