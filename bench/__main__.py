@@ -134,6 +134,11 @@ def parse_args() -> argparse.Namespace:
         help="instead of one pass: the server's own CPU per stream-second on a near-free model, streams swept (bench/overhead.py)",
     )
     parser.add_argument("--levels", help="with --overhead: comma-separated stream counts (default 8,16,32,64,128)")
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="with --overhead: that many servers behind HAProxy running deploy/haproxy.cfg, each with its share of "
+             "--threads, measured whole (bench/replicas.py)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--env", action="append", default=[], help="extra server setting, NAME=VALUE")
     parser.add_argument(
@@ -146,6 +151,8 @@ def parse_args() -> argparse.Namespace:
     args.sweep_seconds = args.sweep_seconds or (30.0 if args.overhead else 40.0)
     if args.url and (args.soak or args.admission or args.env):
         parser.error("--url measures a server as it runs: no --soak, --admission or --env with it")
+    if args.replicas < 1 or args.replicas > 1 and (not args.overhead or args.url):
+        parser.error("--replicas: a count of 1 or more, with --overhead and without --url")
     return args
 
 

@@ -3,6 +3,7 @@
     python -m bench --overhead                       # 8, 16, 32, 64, 128 streams, 30 s each
     python -m bench --overhead --levels 4,8 --sweep-seconds 10
     python -m bench --overhead --url 127.0.0.1:8716  # replicas behind HAProxy: streams held only
+    python -m bench --overhead --replicas 2          # two replicas behind HAProxy, measured whole (bench/replicas.py)
 
 The model is bench/shapes.py's "near-free" shape (random weights, one layer each side, 32 wide): its
 calls cost a few ms of CPU a window (most of it the word alignment and the projection onto Whisper's
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from bench.data import Item, plans_for, push_to_talk
 from bench.report import environment, pooled, utterance_figures
+from bench.replicas import serve_replicas
 from bench.server import Server, attach, health, model_cpu_seconds, model_seconds, serve
 from bench.stream import run_streams
 
@@ -127,7 +129,8 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
         f"### The server's own cost: {env['model']} (random weights, near-free calls), {env['cores']} cores, "
-        f"{result['sweep_seconds']:g} s per stream per level",
+        f"{result['sweep_seconds']:g} s per stream per level"
+        + (f", {env['replicas']} replicas behind HAProxy" if env.get("replicas", 1) > 1 else ""),
         "",
         "| streams | holds | CPU ms per stream-second outside model calls (in all) | server cores busy | client cores busy "
         "| final p50 / p95 | cadence p50 / p95 |",
@@ -153,15 +156,22 @@ def run_overhead(args: argparse.Namespace, model_id: str, items: list[Item], env
     items = push_to_talk(items)
     seconds = args.sweep_seconds
     levels: list[dict] = []
-    with attach(args.url) if args.url else serve(model_id, env, args.out / f"{tag}-server.log") as server:
+    log = args.out / f"{tag}-server.log"
+    if args.replicas > 1:
+        if not any(pair.startswith("CPU_THREADS=") for pair in args.env):
+            env["CPU_THREADS"] = str(max(1, args.threads // args.replicas))
+        serving = serve_replicas(model_id, env, args.replicas, log)
+    else:
+        serving = attach(args.url) if args.url else serve(model_id, env, log)
+    with serving as server:
         server_health = health(server)
         partial_every = server_health["partial_every_ms"] / 1000
         for streams in levels_asked:
             levels.append(level(server, items, streams, seconds, partial_every))
             result = {
-                "environment": {**environment(args, model_id, server_health), "url": args.url,
+                "environment": {**environment(args, model_id, server_health), "url": args.url, "replicas": args.replicas,
                                 "load_average": os.getloadavg()},
-                "calibration": server_health.get("calibration"),
+                "calibration": server_health.get("calibration") if args.replicas == 1 else None,  # one replica's
                 "sweep_seconds": seconds,
                 "levels": levels,
                 "headline": headline(levels),

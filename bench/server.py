@@ -27,6 +27,9 @@ class Server:
     process: subprocess.Popen | None  # None: a server this benchmark did not start
     peak_rss: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    # Replicas behind a balancer of our own (bench/replicas.py): ``process`` is the balancer's, and
+    # the CPU and the model's figures are the sums over them all.
+    replicas: list[Server] = field(default_factory=list)
 
     def cpu_seconds(self) -> float | None:
         import psutil
@@ -34,7 +37,7 @@ class Server:
         if self.process is None:
             return None
         times = psutil.Process(self.process.pid).cpu_times()
-        return times.user + times.system
+        return times.user + times.system + sum(replica.cpu_seconds() for replica in self.replicas)
 
     def watch_memory(self) -> None:
         import psutil
@@ -68,26 +71,12 @@ def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
     (KeyboardInterrupt), SIGTERM (made a SystemExit here), or its death (the kernel's signal). It
     runs in a session of its own, so that a terminal's Ctrl-C reaches the benchmark alone and the
     server is stopped by the `finally` below, and ends with every process it started."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     in_main = threading.current_thread() is threading.main_thread()
-    # The kernel's signal follows the thread that started the process: only the main one lives as
-    # long as the benchmark does.
-    prctl = ctypes.CDLL(None).prctl if in_main and sys.platform == "linux" else None
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main else None
     try:
-        with log.open("wb") as sink:
-            parent = os.getpid()
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
-                cwd=ROOT,
-                env={**os.environ, "MODEL_ID": model_id, **env},
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=(lambda: _die_with_parent(prctl, parent)) if prctl else None,
-            )
+        process = spawn([sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+                        {**os.environ, "MODEL_ID": model_id, **env}, log)
         server = Server(f"127.0.0.1:{port}", process)
         watcher = threading.Thread(target=server.watch_memory, daemon=True)
         try:
@@ -110,6 +99,26 @@ def serve(model_id: str, env: dict[str, str], log: Path) -> Iterator[Server]:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(argv: list[str], env: dict[str, str] | None, log: Path) -> subprocess.Popen:
+    """A process of the benchmark's, output to ``log``, in a session of its own, that the kernel
+    ends with the benchmark (Linux). The kernel's signal follows the thread that started the
+    process: only the main one lives as long as the benchmark does."""
+    in_main = threading.current_thread() is threading.main_thread()
+    prctl = ctypes.CDLL(None).prctl if in_main and sys.platform == "linux" else None
+    parent = os.getpid()
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=(lambda: _die_with_parent(prctl, parent)) if prctl else None,
+        )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -146,32 +155,42 @@ def health(server: Server) -> dict:
         return json.loads(response.read())
 
 
+def _metrics(server: Server) -> list[str]:
+    """The /metrics text of the server, or of each of its replicas."""
+    texts = []
+    for one in server.replicas or [server]:
+        with urllib.request.urlopen(f"http://{one.url}/metrics", timeout=5) as response:
+            texts.append(response.read().decode())
+    return texts
+
+
 def model_seconds(server: Server) -> dict[str, tuple[float, float]]:
     """/metrics' model time by kind: (seconds, calls) so far."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://{server.url}/metrics", timeout=5) as response:
-        text = response.read().decode()
     totals: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "stt_model_seconds":
-            continue
-        for sample in family.samples:
-            kind = sample.labels.get("kind")
-            if sample.name.endswith("_sum"):
-                totals.setdefault(kind, [0.0, 0.0])[0] = sample.value
-            elif sample.name.endswith("_count"):
-                totals.setdefault(kind, [0.0, 0.0])[1] = sample.value
+    for text in _metrics(server):
+        for family in text_string_to_metric_families(text):
+            if family.name != "stt_model_seconds":
+                continue
+            for sample in family.samples:
+                total = totals.setdefault(sample.labels.get("kind"), [0.0, 0.0])
+                if sample.name.endswith("_sum"):
+                    total[0] += sample.value
+                elif sample.name.endswith("_count"):
+                    total[1] += sample.value
     return {kind: (seconds, calls) for kind, (seconds, calls) in totals.items()}
 
 
 def model_cpu_seconds(server: Server) -> float | None:
-    """/metrics' CPU time of the model's own threads so far (None where the server has no such series)."""
-    with urllib.request.urlopen(f"http://{server.url}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("stt_model_cpu_seconds_total "):
-                return float(line.split()[1])
-    return None
+    """/metrics' CPU time of the model's own threads so far (None where a server has no such series)."""
+    total = 0.0
+    for text in _metrics(server):
+        found = [float(line.split()[1]) for line in text.splitlines() if line.startswith("stt_model_cpu_seconds_total ")]
+        if not found:
+            return None
+        total += found[0]
+    return total
 
 
 def model_calls(before: dict, after: dict) -> dict[str, int]:

@@ -237,3 +237,32 @@ def test_sigterm_mid_utterance_gives_the_final_and_new_sessions_go_to_the_other(
     assert on_small == 1
     assert wer(manifest()[SHORT]["text"], served.final["text"]) <= WER_BOUND, served.final
     assert exited == -signal.SIGTERM
+
+
+def test_the_overhead_benchmark_starts_replicas_behind_haproxy_and_measures_them_whole(tmp_path):
+    """bench --overhead --replicas 2: two near-free replicas behind HAProxy running the shipped
+    configuration (its replica lines written for each), every stream through the proxy, and the
+    CPU counted over the replicas and HAProxy; nothing of it left running."""
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--overhead", "--replicas", "2", "--levels", "2", "--sweep-seconds", "3",
+         "--files", "en_cmu_goforward.wav", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    [level] = figures["levels"]
+    assert level["dropped"] == 0 and level["stream_seconds"] >= 5 and level["model_cpu_s"] > 0
+    # The replicas' own CPU is counted, not HAProxy's alone (a near-free server spends tens of ms a stream-second).
+    assert figures["server_cpu_all_ms_per_stream_second"] > 10, figures
+    [report] = tmp_path.glob("overhead-*[0-9].json")
+    written = json.loads(report.read_text())
+    assert written["environment"]["replicas"] == 2 and written["calibration"] is None
+    assert "2 replicas behind HAProxy" in result.stdout
+    [config] = tmp_path.glob("*-haproxy.cfg")
+    servers = [line.split()[1:] for line in config.read_text().splitlines() if line.startswith("    server ")]
+    assert [name for name, *_ in servers] == ["stt1", "stt2", "stt1-refuse", "stt2-refuse"], servers
+    # leastconn gave each replica one of the two streams.
+    for replica in sorted(tmp_path.glob("*-server-[12].log")):
+        assert '"WebSocket /ws" [accepted]' in replica.read_text(), replica
