@@ -21,7 +21,7 @@ ALLOWED = {
     "calibration": {"capacity", "decoder", "model", "features", "settings"},
     "decoder": {"features", "frontend", "model", "vad", "settings", "words"},
     "model": {"settings"},
-    "frontend": {"features", "vad"},
+    "frontend": {"features", "vad", "settings"},
     "features": set(),
     "audio_file": {"settings"},
     "capacity": set(),
