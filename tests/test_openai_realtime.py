@@ -345,26 +345,6 @@ def test_sessions_past_capacity_are_refused_with_1013(realtime):
     assert asyncio.run(scenario()) == 1013
 
 
-def test_a_restart_sends_the_final_of_the_turn_under_way_then_1012(realtime):
-    """Last in this file: it stops the module's server."""
-
-    async def scenario() -> tuple[list, int]:
-        seen: list = []
-        async with connect(realtime) as conn:
-            await conn.recv()
-            await conn.session.update(session=session_update(None))
-            await conn.recv()
-            await append_all(conn, at_24k(read_pcm(FIRST)))
-            realtime.process.send_signal(signal.SIGTERM)
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await asyncio.wait_for(events_until(conn, 2, seen), 60)
-            return seen, closed.value.rcvd.code
-
-    seen, code = asyncio.run(scenario())
-    finals = [e.transcript for _, e in seen if e.type.endswith(".completed")]
-    assert code == 1012 and len(finals) == 1 and wer(reference(FIRST), finals[0]) <= 0.25, seen
-
-
 def test_with_server_vad_audio_is_scored_as_it_comes_while_others_stream(realtime):
     """A turn ends on the VAD's scores: while another session streams, each 100 ms of a server-VAD
     session's audio is still scored as it comes, not in the pieces a seed-protocol session waits
@@ -388,3 +368,23 @@ def test_with_server_vad_audio_is_scored_as_it_comes_while_others_stream(realtim
     asyncio.run(both())
     scored = (metrics(realtime, KEY)["stt_scoring_round_requests_sum"] - before) / (2 * appends)
     assert scored >= 0.75, scored
+
+
+def test_a_restart_sends_the_final_of_the_turn_under_way_then_1012(realtime):
+    """Last in this file: it stops the module's server."""
+
+    async def scenario() -> tuple[list, int]:
+        seen: list = []
+        async with connect(realtime) as conn:
+            await conn.recv()
+            await conn.session.update(session=session_update(None))
+            await conn.recv()
+            await append_all(conn, at_24k(read_pcm(FIRST)))
+            realtime.process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(events_until(conn, 2, seen), 60)
+            return seen, closed.value.rcvd.code
+
+    seen, code = asyncio.run(scenario())
+    finals = [e.transcript for _, e in seen if e.type.endswith(".completed")]
+    assert code == 1012 and len(finals) == 1 and wer(reference(FIRST), finals[0]) <= 0.25, seen
