@@ -11,7 +11,6 @@ decodes it, one 30 s window at a time.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -280,7 +279,7 @@ class Decoder:
         for index, (audio, item, seen) in enumerate(zip(audios, each, heard)):
             chunks = speech_chunks(audio) if seen is None else seen.spans(audio.size)
             if chunks:  # else silence: nothing to decode
-                previous = _prompt_tokens(text_tokenizer, item.prompt) if item.prompt else ()
+                previous = text_tokenizer.encode(" " + item.prompt.strip()) if item.prompt else []
                 rows.append((index, audio, item, chunks, previous, seen))
         # CTranslate2 wants the start-of-transcript token at one position in the whole batch, so
         # prompts are cut to a few lengths (the latest tokens kept) and batched per length. A busy
@@ -416,16 +415,9 @@ class _Voiced:
     features: np.ndarray  # log-mel of its speech alone (mels x frames)
     samples: int  # of speech
     time_map: SpeechTimestampsMap
-    previous: Sequence[int]  # prompt tokens
+    previous: list[int]  # prompt tokens
     budget: int
     language: str | None  # None: detect it on this window
-
-
-@functools.lru_cache(maxsize=1024)
-def _prompt_tokens(tokenizer: Tokenizer, prompt: str) -> tuple[int, ...]:
-    """A window's prompt (its session's committed words) as tokens, kept: a session's partials
-    mostly repeat its last prompt, and encoding them took 4 % of the interpreter at 64 streams."""
-    return tuple(tokenizer.encode(" " + prompt.strip()))
 
 
 def _aligned_words(time_map: SpeechTimestampsMap, alignment: list[dict]) -> tuple[Word, ...]:

@@ -11,50 +11,45 @@ all of them go through one FFT and one matrix product (features.py).
 from __future__ import annotations
 
 import asyncio
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import Histogram
 
 from realtime_stt.features import HOP, KeptFrames, MelFrames, log_mel
-from realtime_stt.settings import SAMPLE_RATE
 from realtime_stt.vad import VAD_FRAME, SpeechActivity, speech_probabilities, speech_spans
 
 
 class AudioBuffer:
-    """Utterance audio as float32, in one array that doubles as it grows; a read is a read-only view
-    of it, not a copy (a partial's 6 s window was a 0.5 ms concatenation and conversion of 60
-    chunks, under the interpreter's lock). A view stays true: samples are only ever written past
-    the end, and a growth moves the audio kept into a new array, leaving the old one to its views.
-    Audio trimmed from the front is dropped at the next growth."""
+    """Utterance audio as a list of int16 chunks, trimmed from the front, concatenated on demand."""
 
     def __init__(self) -> None:
-        self._samples = np.zeros(0, dtype=np.float32)
-        self._first = 0  # the sample index (from the utterance start) of self._samples[0]
+        self._chunks: list[np.ndarray] = []
+        self._ends: list[int] = []  # each chunk's end (sample index from the utterance start)
         self.start = 0  # sample index (from the utterance start) of the first sample kept
         self.end = 0  # samples received so far
 
     def append(self, samples: np.ndarray) -> None:
-        """Add int16 samples."""
-        at, size = self.end - self._first, samples.size
-        if at + size > self._samples.size:
-            kept = self._samples[self.start - self._first : at]
-            grown = np.empty(max(2 * (kept.size + size), SAMPLE_RATE), dtype=np.float32)
-            grown[: kept.size] = kept
-            self._samples, self._first, at = grown, self.start, kept.size
-        self._samples[at : at + size] = samples.astype(np.float32) / 32768.0
-        self.end += size
+        if samples.size:
+            self._chunks.append(samples)
+            self.end += samples.size
+            self._ends.append(self.end)
 
     def since(self, sample: int) -> np.ndarray:
-        """The audio from ``sample`` (clamped to what is kept) to the end."""
-        sample = min(max(sample, self.start), self.end)
-        view = self._samples[sample - self._first : self.end - self._first]
-        view.flags.writeable = False
-        return view
+        """float32 audio from ``sample`` (clamped to what is kept) to the end; its chunk by bisection."""
+        first = bisect.bisect_right(self._ends, sample)
+        if first == len(self._chunks):
+            return np.zeros(0, dtype=np.float32)
+        skip = max(0, sample - (self._ends[first] - self._chunks[first].size))
+        audio = np.concatenate(self._chunks[first:])[skip:] if first + 1 < len(self._chunks) else self._chunks[first][skip:]
+        return audio.astype(np.float32) / 32768.0
 
     def trim(self, sample: int) -> None:
-        """Keep the audio from ``sample`` on."""
-        self.start = min(max(self.start, sample), self.end)
+        """Drop whole chunks that end before ``sample``."""
+        while self._chunks and self._ends[0] <= sample:
+            self.start += self._chunks.pop(0).size
+            self._ends.pop(0)
 
 
 # A round waits this long for more sessions' audio when the last one began this recently.

@@ -21,7 +21,7 @@ ALLOWED = {
     "calibration": {"capacity", "decoder", "model", "features", "settings"},
     "decoder": {"features", "frontend", "model", "vad", "settings", "words"},
     "model": {"settings"},
-    "frontend": {"features", "vad", "settings"},
+    "frontend": {"features", "vad"},
     "features": set(),
     "audio_file": {"settings"},
     "capacity": set(),
