@@ -205,9 +205,8 @@ class Pipeline:
         self._finished = False
         self.engine.metrics.audio_seconds.inc(samples.size / SAMPLE_RATE)
         self._audio_arrived.set()
-        waiting = self.utterance.audio.end - self.utterance.speech.scored_until
-        shared = self.on_speech is None and self.engine.others_streaming(self)
-        if not shared or waiting >= self.SCORE_SHARED_SECONDS * SAMPLE_RATE:
+        due = self.utterance.audio.end - self.utterance.speech.scored_until >= self.SCORE_SHARED_SECONDS * SAMPLE_RATE
+        if due or self.on_speech is not None or not self.engine.others_streaming(self):
             self._audio_to_score.set()
 
     def discard(self) -> None:
