@@ -39,6 +39,8 @@ def haproxy_config(front: int, stats: int, ports: list[int]) -> str:
         elif not any(kept.startswith(REPLICA_LINE) for kept in lines):
             lines += [f"{REPLICA_LINE}{i} 127.0.0.1:{port} check" for i, port in enumerate(ports, 1)]
             lines += [f"{REPLICA_LINE}{i}-refuse 127.0.0.1:{port} backup" for i, port in enumerate(ports, 1)]
+    if not any(line.startswith(REPLICA_LINE) for line in lines):
+        raise SystemExit(f"{CONFIG} no longer lists its replicas as '{REPLICA_LINE.strip()}...': bench/replicas.py must follow it")
     text = "\n".join(lines) + "\n"
     for old, new in ((FRONT, f"127.0.0.1:{front}"), (STATS, f"127.0.0.1:{stats}")):
         if old not in text:
